@@ -12,6 +12,12 @@ from pathlib import Path
 from fsct.errors import FsctError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; on success it replaces `out`, on any error it is removed."""
@@ -20,6 +26,7 @@ def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
         raise FsctError(f"{out}: output exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any other folder
     try:
         yield tmp
     except BaseException:
@@ -42,6 +49,7 @@ def atomic_file(out: Path | str) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600
     try:
         yield tmp
         os.replace(tmp, out)

@@ -1,0 +1,229 @@
+"""Episodes: which slices and which label ids make one N-way K-shot task, and the tensors it becomes.
+
+Drawing is pure index work on the in-memory pool, deterministic from (seed, rank, step, e): a run resumed
+at step s draws exactly what an uninterrupted run would have. Modes plug in as functions in `DRAW`:
+  class       the notebook's: a label id is a class across slices; K+Q distinct slices per way
+  slice       the ways are the structures of ONE labelled slice; support and query are augmented views
+  superpixel  as slice, on superpixel pseudo-labels of (unlabelled) slices, after SSL-ALPNet
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from fsct.config import AugmentConfig, EpisodeConfig
+from fsct.data.augment import augment_batch
+from fsct.data.shards import Pool
+from fsct.errors import FsctError
+
+
+@dataclass(frozen=True)
+class Episode:
+    support: np.ndarray  # pool indices, (n_way * k_shot,) for class episodes, (k_shot,) for views
+    query: np.ndarray
+    ways: np.ndarray  # label ids; way i becomes label i + 1, everything else background
+    source: str = "mask"  # mask | superpixel: which label map the ids refer to
+    mode: str = "class"
+
+
+@dataclass
+class Batch:
+    s_img: torch.Tensor  # (E, S, 1, H, W) float, normalised to [-1, 1] like the notebook
+    s_lbl: torch.Tensor  # (E, S, H, W) long in 0..n_way
+    q_img: torch.Tensor  # (E, Q, 1, H, W)
+    q_lbl: torch.Tensor  # (E, Q, H, W)
+    n_way: int
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in
+                       (self.s_img, self.s_lbl, self.q_img, self.q_lbl)), self.n_way)
+
+
+def rng_for(seed: int, rank: int, step: int, e: int) -> np.random.Generator:
+    return np.random.default_rng([seed, rank, step, e])  # e < 2**30; the mode draw uses 2**30
+
+
+def _usable(classes: dict[str, int], min_pixels: int) -> list[int]:
+    return [int(c) for c, n in classes.items() if n >= min_pixels]
+
+
+class ClassIndex:
+    """label id -> pool slices where it is visible, restricted to ids with enough slices for an episode."""
+
+    def __init__(self, pool: Pool, cfg: EpisodeConfig, allowed: set[int] | None = None):
+        need = cfg.k_shot + cfg.n_query
+        by_class: dict[int, list[int]] = {}
+        for i, classes in enumerate(pool.classes):
+            for c in _usable(classes, cfg.min_pixels):
+                if allowed is None or c in allowed:
+                    by_class.setdefault(c, []).append(i)
+        self.slices = {c: np.array(v) for c, v in sorted(by_class.items()) if len(v) >= need}
+        self.ids = np.array(sorted(self.slices), dtype=np.int64)
+
+
+def draw_class(pool: Pool, index: ClassIndex, cfg: EpisodeConfig, rng: np.random.Generator) -> Episode:
+    """n_way ids, then per way K support and Q query slices showing it. No slice is both support and
+    query; a slice may serve several ways on the same side (its mask labels all of them anyway)."""
+    if len(index.ids) < cfg.n_way:
+        raise FsctError(f"class episodes need {cfg.n_way} label ids with >= {cfg.k_shot + cfg.n_query} slices "
+                        f"each; this pool has {len(index.ids)} (use fewer ways/shots, or episodes.mode: slice)")
+    for _ in range(100):
+        ways = rng.choice(index.ids, cfg.n_way, replace=False)
+        support: list[int] = []
+        query: list[int] = []
+        for c in ways:
+            cand = index.slices[int(c)]
+            s_cand = np.setdiff1d(cand, np.array(query, dtype=np.int64))
+            if len(s_cand) < cfg.k_shot:
+                break
+            s_pick = rng.choice(s_cand, cfg.k_shot, replace=False)
+            q_cand = np.setdiff1d(cand, np.array(support + s_pick.tolist(), dtype=np.int64))
+            if len(q_cand) < cfg.n_query:
+                break
+            support += s_pick.tolist()
+            query += rng.choice(q_cand, cfg.n_query, replace=False).tolist()
+        else:
+            return Episode(np.array(support), np.array(query), ways, "mask", "class")
+    raise FsctError("could not draw a class episode with disjoint support and query in 100 tries")
+
+
+def _draw_views(candidates: np.ndarray, label_sets: list[list[int]], cfg: EpisodeConfig,
+                rng: np.random.Generator, source: str, mode: str) -> Episode:
+    i = int(rng.choice(candidates))
+    ways = rng.choice(np.array(label_sets[i]), cfg.n_way, replace=False)
+    return Episode(np.full(cfg.k_shot, i), np.full(cfg.n_query, i), ways, source, mode)
+
+
+class EpisodeSampler:
+    """Episodes for one rank, by step. Holds only indices; tensors come from `make_batch`."""
+
+    def __init__(self, pool: Pool, cfg: EpisodeConfig, seed: int, rank: int = 0,
+                 allowed_classes: set[int] | None = None, superpixel_pool: Pool | None = None):
+        self.pool, self.cfg, self.seed, self.rank = pool, cfg, seed, rank
+        self.mix = dict(cfg.mix) if cfg.mix else {cfg.mode: 1.0}
+        unknown = set(self.mix) - set(DRAW)
+        if unknown:
+            raise FsctError(f"config: unknown episode mode(s) {sorted(unknown)} (known: {sorted(DRAW)})")
+        self.modes = sorted(self.mix)
+        w = np.array([self.mix[m] for m in self.modes], dtype=np.float64)
+        self.weights = w / w.sum()
+        self.class_index = ClassIndex(pool, cfg, allowed_classes) if "class" in self.mix else None
+        if "slice" in self.mix:
+            self.slice_ways = [_usable(c, cfg.min_pixels) for c in pool.classes]
+            self.slice_candidates = np.array([i for i, w in enumerate(self.slice_ways) if len(w) >= cfg.n_way])
+            if len(self.slice_candidates) == 0:
+                raise FsctError(f"slice episodes need slices with >= {cfg.n_way} structures; none in pool")
+        self.sp_pool = superpixel_pool
+        if "superpixel" in self.mix:
+            if superpixel_pool is None or superpixel_pool.superpixels is None:
+                raise FsctError("superpixel episodes need shards written with `fsct shard --superpixels`")
+            sp = superpixel_pool.superpixels
+            # counts at pool size, scaled to full-size pixels so min_pixels means the same everywhere
+            scale = (512 / sp.shape[-1]) ** 2
+            self.sp_ways = [[int(c) for c in np.flatnonzero(np.bincount(s.ravel(), minlength=256) * scale
+                                                            >= cfg.min_pixels) if c != 0] for s in sp]
+            self.sp_candidates = np.array([i for i, w in enumerate(self.sp_ways) if len(w) >= cfg.n_way])
+            if len(self.sp_candidates) == 0:
+                raise FsctError(f"superpixel episodes need slices with >= {cfg.n_way} superpixels; none found")
+
+    def mode_at(self, step: int) -> str:
+        # one mode per step, so the episodes of a step stack into one batch of equal shapes
+        return str(np.random.default_rng([self.seed, self.rank, step, 1 << 30]).choice(self.modes, p=self.weights))
+
+    def episode(self, step: int, e: int = 0) -> Episode:
+        return DRAW[self.mode_at(step)](self, rng_for(self.seed, self.rank, step, e))
+
+    def step(self, step: int) -> list[Episode]:
+        return [self.episode(step, e) for e in range(self.cfg.episodes_per_step)]
+
+
+DRAW: dict[str, Callable[[EpisodeSampler, np.random.Generator], Episode]] = {
+    "class": lambda s, rng: draw_class(s.pool, s.class_index, s.cfg, rng),
+    "slice": lambda s, rng: _draw_views(s.slice_candidates, s.slice_ways, s.cfg, rng, "mask", "slice"),
+    "superpixel": lambda s, rng: _draw_views(s.sp_candidates, s.sp_ways, s.cfg, rng, "superpixel",
+                                             "superpixel"),
+}
+
+
+@dataclass
+class PoolTensors:
+    """The pool as tensors, on the training device when it fits (the whole train set is ~130 MB)."""
+
+    images: torch.Tensor  # (N, H, W) uint8
+    masks: torch.Tensor | None
+    superpixels: torch.Tensor | None
+
+    @classmethod
+    def from_pool(cls, pool: Pool, device: torch.device | str = "cpu") -> PoolTensors:
+        def t(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+        return cls(t(pool.images), t(pool.masks), t(pool.superpixels))
+
+
+def make_batch(episodes: list[Episode], pool: PoolTensors, n_way: int, augment: AugmentConfig | None,
+               generator: torch.Generator | None, sp_pool: PoolTensors | None = None) -> Batch:
+    """Gather, remap labels to 0..n_way, and (optionally) augment every slice of the episodes."""
+    device = pool.images.device
+    E = len(episodes)
+    lut = torch.zeros(E, 256, dtype=torch.long)
+    for e, ep in enumerate(episodes):
+        lut[e, torch.as_tensor(ep.ways, dtype=torch.long)] = torch.arange(1, n_way + 1)
+    lut = lut.to(device)
+
+    def gather(field: str) -> tuple[torch.Tensor, torch.Tensor]:
+        imgs, lbls = [], []
+        for ep in episodes:
+            src = sp_pool if ep.source == "superpixel" else pool
+            idx = torch.as_tensor(getattr(ep, field), device=device)
+            imgs.append(src.images.index_select(0, idx))
+            maps = src.superpixels if ep.source == "superpixel" else src.masks
+            lbls.append(maps.index_select(0, idx))
+        img, lbl = torch.stack(imgs), torch.stack(lbls).long()
+        lbl = torch.gather(lut, 1, lbl.flatten(1)).view_as(lbl)  # per-episode remap via a 256-entry table
+        return img, lbl
+
+    s_img, s_lbl = gather("support")
+    q_img, q_lbl = gather("query")
+    S = s_img.shape[1]
+    img = torch.cat([s_img, q_img], 1).float().div_(255.0)
+    lbl = torch.cat([s_lbl, q_lbl], 1)
+    if augment is not None and augment.enabled:
+        flat_img, flat_lbl = augment_batch(img.flatten(0, 1), lbl.flatten(0, 1), augment, generator)
+        img, lbl = flat_img.view_as(img), flat_lbl.view_as(lbl)
+    img = img.sub_(0.5).div_(0.5).unsqueeze(2)
+    return Batch(img[:, :S].contiguous(), lbl[:, :S].contiguous(), img[:, S:].contiguous(),
+                 lbl[:, S:].contiguous(), n_way)
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device | str) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + rank * 10_007 + step) % (2**63))
+    return g
+
+
+class EpisodeStream(IterableDataset):
+    """(step, Batch) for steps start..stop, built on the CPU in DataLoader workers.
+
+    Worker w builds steps start + w, start + w + n, ...; the DataLoader takes one item from each worker
+    in turn, so the stream comes out in step order with no episode built twice."""
+
+    def __init__(self, sampler: EpisodeSampler, pool: Pool, augment: AugmentConfig, start: int, stop: int,
+                 sp_pool: Pool | None = None):
+        self.sampler, self.pool, self.augment, self.start, self.stop = sampler, pool, augment, start, stop
+        self.sp_pool = sp_pool
+
+    def __iter__(self) -> Iterator[tuple[int, Batch]]:
+        info = get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        tensors = PoolTensors.from_pool(self.pool)
+        sp = PoolTensors.from_pool(self.sp_pool) if self.sp_pool is not None else None
+        for step in range(self.start + wid, self.stop, n):
+            eps = self.sampler.step(step)
+            gen = step_generator(self.sampler.seed, self.sampler.rank, step, "cpu")
+            yield step, make_batch(eps, tensors, self.sampler.cfg.n_way, self.augment, gen, sp)

@@ -1,0 +1,249 @@
+"""`fsct predict`: checkpoint + support shards + test slices -> the submission CSV.
+
+Alone or under `accelerate launch` on many processes/nodes: test slices are split across ranks, support
+prototypes are computed once per rank (K shots per class, a seeded choice, batched), every rank writes its
+part atomically, rank 0 merges when all parts exist. A re-run after a crash skips finished parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsct.atomic import atomic_file
+from fsct.config import Config, PredictConfig, load_config
+from fsct.data.challenge import list_images, read_image
+from fsct.data.shards import Pool, load_split, read_index
+from fsct.errors import FsctError
+from fsct.model.panet import PANet
+from fsct.progress import track
+from fsct.submission import write_submission
+
+OUT_SIZE = 512
+
+
+def load_checkpoint(path: Path | str, overrides: list[str] | None = None) -> tuple[PANet, Config]:
+    """A folder with model.safetensors + config.yaml (a run's output dir, its best/, or the file itself)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    weights = path if path.suffix == ".safetensors" else folder / "model.safetensors"
+    if not weights.is_file() or not (folder / "config.yaml").is_file():
+        raise FsctError(f"{path}: not a checkpoint (needs model.safetensors and config.yaml)")
+    cfg = load_config(folder / "config.yaml", overrides)
+    cfg.model.compile = False
+    model = PANet(cfg.model)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError) as e:
+        raise FsctError(f"{weights}: cannot load weights ({str(e).splitlines()[0]})") from e
+    return model.eval(), cfg
+
+
+@dataclass
+class Prototypes:
+    class_ids: np.ndarray  # (K,) label ids of the foreground prototypes
+    protos: torch.Tensor  # (K+1, C): background first (zeros for the seed variant, which has none)
+
+
+def choose_support(pool: Pool, k_shot: int, seed: int) -> dict[int, list[int]]:
+    """label id -> up to k_shot pool slices showing it; a seeded, order-independent choice."""
+    by_class: dict[int, list[int]] = {}
+    for i, classes in enumerate(pool.classes):
+        for c in classes:
+            by_class.setdefault(int(c), []).append(i)
+    rng = np.random.default_rng(seed)
+    return {c: sorted(rng.choice(v, min(k_shot, len(v)), replace=False).tolist())
+            for c, v in sorted(by_class.items())}
+
+
+@torch.no_grad()
+def support_prototypes(model: PANet, pool: Pool, cfg: PredictConfig, device: torch.device) -> Prototypes:
+    """Every support class's prototype from its own K slices, plus one background prototype from all of
+    them: computed once, then reused for every query slice."""
+    if pool.masks is None:
+        raise FsctError("support split has no masks")
+    chosen = choose_support(pool, cfg.k_shot, cfg.seed)
+    if not chosen:
+        raise FsctError("support split has no labelled structure")
+    ids = np.array(sorted(chosen), dtype=np.int64)
+    used = sorted({i for v in chosen.values() for i in v})
+    row = {s: r for r, s in enumerate(used)}
+    k = len(ids) + 2  # 0 background, 1..K classes, K+1 everything not chosen (ignored)
+    lut = torch.full((256,), k - 1, dtype=torch.long)
+    lut[0] = 0
+    lut[torch.from_numpy(ids)] = torch.arange(1, len(ids) + 1)
+    weight = torch.zeros(len(used), k)  # slice r contributes to class j only if it was chosen for it
+    weight[:, 0] = 1
+    for j, c in enumerate(ids, start=1):
+        weight[[row[s] for s in chosen[int(c)]], j] = 1
+    sums = counts = None
+    for start in range(0, len(used), cfg.batch_size):
+        idx = used[start:start + cfg.batch_size]
+        x = _normalise(torch.from_numpy(pool.images[idx]).to(device)).unsqueeze(1)
+        feats = model.features(x).float()
+        onehot = model.support_onehot(lut[torch.from_numpy(pool.masks[idx]).long()].to(device), k,
+                                      feats.shape[-2:])
+        w = weight[start:start + len(idx)].to(device)
+        s = torch.einsum("bchw,bkhw,bk->kc", feats, onehot, w)
+        n = torch.einsum("bkhw,bk->k", onehot, w)
+        sums, counts = (s, n) if sums is None else (sums + s, counts + n)
+    protos = sums[: k - 1] / (counts[: k - 1, None] + model.eps)
+    if model.variant == "seed":
+        protos[0] = 0  # the notebook has no background prototype
+    return Prototypes(ids, protos)
+
+
+def _normalise(u8: torch.Tensor) -> torch.Tensor:
+    return (u8.float() / 255.0 - 0.5) / 0.5
+
+
+@torch.no_grad()
+def predict_batch(model: PANet, protos: Prototypes, images: torch.Tensor, cfg: PredictConfig,
+                  image_size: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """uint8 (B,512,512) -> label ids (B,512,512) uint8 by argmax over background + support classes, plus
+    the upsampled logits and low-resolution features (what partition inference refines)."""
+    x = F.interpolate(_normalise(images).unsqueeze(1), size=(image_size, image_size), mode="bilinear",
+                      align_corners=False, antialias=True)
+    feats = model.features(x).float()
+    if cfg.tta_flip:
+        feats = 0.5 * (feats + model.features(x.flip(-1)).float().flip(-1))
+    logits = model.logits(feats, protos.protos)
+    if model.variant == "seed":
+        logits[:, 0] = -torch.inf
+    up = F.interpolate(logits, size=(OUT_SIZE, OUT_SIZE), mode="bilinear", align_corners=False)
+    ids = torch.cat([torch.zeros(1, dtype=torch.long), torch.from_numpy(protos.class_ids)]).to(up.device)
+    labels = ids[up.argmax(1)]
+    return labels.to(torch.uint8).cpu().numpy(), up, feats
+
+
+@dataclass
+class Queries:
+    keys: list[str]
+    load: callable  # list of keys -> uint8 (B,512,512)
+
+
+def query_source(images: Path, split: str, rank: int, world: int) -> Queries:
+    """This rank's test slices: shards[rank::world] of a shard folder, or every world-th PNG of a folder."""
+    if (images / "index.json").is_file():
+        info = read_index(images)["splits"].get(split)
+        if info is None:
+            raise FsctError(f"{images}: no split '{split}' in index.json")
+        names = [s["name"] for s in info["shards"]][rank::world]
+        pool = load_split(images, split, names) if names else None
+        keys = pool.keys if pool else []
+        pos = {k: i for i, k in enumerate(keys)}
+        return Queries(keys, lambda ks: pool.images[[pos[k] for k in ks]])
+    paths = list_images(images)[rank::world]
+    by_key = {p.stem: p for p in paths}
+    return Queries([p.stem for p in paths], lambda ks: np.stack([read_image(by_key[k]) for k in ks]))
+
+
+def _key_order(k: str) -> tuple[int, str]:
+    return (int(k), k) if k.isdigit() else (1 << 62, k)
+
+
+def parts_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.parts"
+
+
+def part_path(out: Path, rank: int, world: int) -> Path:
+    return parts_dir(out) / f"part-{rank:05d}-of-{world:05d}.npz"
+
+
+def _batched(keys: list[str], n: int) -> Iterator[list[str]]:
+    for i in range(0, len(keys), n):
+        yield keys[i:i + n]
+
+
+def predict(checkpoint: Path, support: Path, images: Path, out: Path, support_split: str = "train",
+            images_split: str = "test", overrides: list[str] | None = None) -> Path:
+    from accelerate import Accelerator
+
+    acc = Accelerator()
+    rank, world, dev = acc.process_index, acc.num_processes, acc.device
+    model, cfg = load_checkpoint(checkpoint, overrides)
+    pcfg = cfg.predict
+    model.to(dev)
+    queries = query_source(images, images_split, rank, world)
+    part = part_path(out, rank, world)
+    if _part_done(part, queries.keys):
+        acc.print(f"rank {rank}: {part} already complete, skipped", flush=True)
+    else:
+        pool = load_split(support, support_split, size=cfg.data.image_size)
+        protos = support_prototypes(model, pool, pcfg, dev)
+        protos.protos = protos.protos.to(dev)
+        refine = None
+        if pcfg.mode == "partition":
+            from fsct.partition import partition_slice as refine
+        elif pcfg.mode != "class":
+            raise FsctError(f"config: predict.mode={pcfg.mode!r} is not class or partition")
+        masks = []
+        with acc.autocast():
+            for ks in track(list(_batched(queries.keys, pcfg.batch_size)), desc=f"predict rank {rank}",
+                            enabled=acc.is_local_main_process):
+                imgs = queries.load(ks)
+                labels, logits, feats = predict_batch(model, protos, torch.from_numpy(imgs).to(dev), pcfg,
+                                                      cfg.data.image_size)
+                if refine is not None:
+                    labels = np.stack([refine(labels[b], logits[b].float(), feats[b], imgs[b], protos.class_ids,
+                                              pcfg) for b in range(len(ks))])
+                masks.append(labels)
+        arr = np.concatenate(masks) if masks else np.zeros((0, OUT_SIZE, OUT_SIZE), np.uint8)
+        with atomic_file(part) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, keys=np.array(queries.keys, dtype=str), masks=arr)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        merge_parts(out, world)
+    acc.wait_for_everyone()
+    return out
+
+
+def _part_done(part: Path, keys: list[str]) -> bool:
+    if not part.is_file():
+        return False
+    try:
+        with np.load(part) as z:
+            return z["keys"].tolist() == keys and z["masks"].shape[0] == len(keys)
+    except (OSError, ValueError, KeyError):
+        return False  # a corrupt part is recomputed
+
+
+def merge_parts(out: Path, world: int) -> None:
+    keys, masks = [], []
+    for r in range(world):
+        with np.load(part_path(out, r, world)) as z:
+            keys += z["keys"].tolist()
+            masks.append(z["masks"])
+    order = sorted(range(len(keys)), key=lambda i: _key_order(keys[i]))
+    arr = np.concatenate(masks)[order]
+    write_submission(out, arr)
+    (out.parent / f"{out.name}.keys.json").write_text(json.dumps([keys[i] for i in order]))
+    shutil.rmtree(parts_dir(out), ignore_errors=True)
+    print(f"{out}: {len(keys)} slices", flush=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="run dir (or its best/) with model.safetensors")
+    p.add_argument("--support", type=Path, required=True, help="shard folder with the labelled support split")
+    p.add_argument("--support-split", default="train")
+    p.add_argument("--images", type=Path, required=True, help="shard folder (test split) or folder of PNGs")
+    p.add_argument("--images-split", default="test")
+    p.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. predict.tta_flip=true")
+
+
+def run(args: argparse.Namespace) -> int:
+    predict(args.checkpoint, args.support, args.images, args.out, args.support_split, args.images_split,
+            args.overrides)
+    return 0

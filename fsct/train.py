@@ -1,0 +1,397 @@
+"""`fsct train`: episodic PANet training with Accelerate, alone or under `accelerate launch`.
+
+Each rank streams its own episodes (its own shards, its own seed stream); only gradients are shared.
+Preemption-safe: SIGUSR1/SIGTERM on any rank, or a PREEMPT file in the output dir, makes every rank
+checkpoint at the next step and exit 0; `--resume auto` continues from the newest checkpoint with exactly
+the episodes an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fsct.config import Config, load_config, save_config, to_dict
+from fsct.data.episodes import EpisodeSampler, EpisodeStream, PoolTensors, make_batch, step_generator
+from fsct.data.shards import Pool, load_split, read_index
+from fsct.errors import FsctError
+from fsct.metrics import episode_miou, official_score_slice
+from fsct.model.panet import build_model
+from fsct.progress import is_terminal
+
+CKPT_PREFIX = "step_"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    best: float = -math.inf
+    best_step: int = -1
+    bad_validations: int = 0
+    wandb_id: str | None = None
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 or by a PREEMPT file; checked once per step by every rank."""
+
+    def __init__(self, preempt_file: Path):
+        self.signalled = False
+        self.preempt_file = preempt_file
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True
+
+    def local(self, is_main: bool) -> bool:
+        return self.signalled or (is_main and self.preempt_file.exists())
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup then cosine to min_lr_ratio; a function of the step, so resuming needs no state."""
+    o, total = cfg.optim, max(cfg.train.max_steps, 1)
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    t = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def rank_subset(shards: Path, split: str, rank: int, world: int) -> tuple[list[str], set[str] | None]:
+    """This rank's shards; with fewer shards than ranks, every rank reads all and keeps every world-th key."""
+    info = read_index(shards)["splits"].get(split)
+    if info is None:
+        raise FsctError(f"{shards}: no split '{split}' in index.json")
+    names = [s["name"] for s in info["shards"]]
+    if len(names) >= world:
+        return names[rank::world], None
+    return names, set(sorted(info["samples"], key=_key_order)[rank::world])
+
+
+def _key_order(k: str) -> tuple[int, str]:
+    return (int(k), k) if k.isdigit() else (1 << 62, k)
+
+
+def resolve_precision(cfg: Config) -> str:
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return mp
+
+
+def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FsctError(f"{path}: not a checkpoint (no trainer_state.json)")
+        return path
+    found = sorted((out / "checkpoints").glob(f"{CKPT_PREFIX}*/trainer_state.json"))
+    return found[-1].parent if found else None
+
+
+def param_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def train(cfg: Config, resume: str | None = None) -> TrainerState:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(cfg.train.output_dir)
+    use_wandb = cfg.train.tracker == "wandb"
+    acc = Accelerator(mixed_precision=resolve_precision(cfg), gradient_accumulation_steps=cfg.optim.grad_accum,
+                      log_with="wandb" if use_wandb else None, project_dir=str(out))
+    rank, world, dev = acc.process_index, acc.num_processes, acc.device
+    stop = StopFlag(out / "PREEMPT")
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        (out / "DONE").unlink(missing_ok=True)
+    set_seed(cfg.train.seed)  # same init on every rank
+
+    # --- data: each rank reads its own shards into memory; episodes are index draws on that pool
+    shards = Path(cfg.data.shards)
+    names, keys = rank_subset(shards, cfg.data.train_split, rank, world)
+    modes = set(cfg.episodes.mix or {cfg.episodes.mode: 1})
+    pool = load_split(shards, cfg.data.train_split, names, cfg.data.image_size, keys)
+    sp_pool = _superpixel_pool(cfg, shards, rank, world) if "superpixel" in modes else None
+    sampler = EpisodeSampler(pool, cfg.episodes, cfg.train.seed, rank, superpixel_pool=sp_pool)
+    val = _val_setup(cfg, shards)
+
+    model = build_model(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                            weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused and dev.type == "cuda")
+    # the loss is computed inside forward (q_lbl given), so DDP's gradient hooks see it all
+    step_fn, opt = acc.prepare(model, opt)
+
+    state = TrainerState()
+    ckpt = find_checkpoint(out, resume)
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        acc.print(f"resumed from {ckpt} at step {state.step}", flush=True)
+    if acc.is_main_process and state.wandb_id is None:
+        state.wandb_id = _wandb_id(out)
+    if use_wandb:
+        t = cfg.train
+        acc.init_trackers(t.project, config=to_dict(cfg), init_kwargs={"wandb": {
+            "name": t.run_name or out.name, "entity": t.entity, "tags": t.tags, "id": state.wandb_id,
+            "resume": "allow", "dir": str(out)}})
+
+    batches = _batches(cfg, sampler, pool, sp_pool, state.step, dev)
+    progress = _Progress(cfg, acc.is_main_process, state.step)
+    log_t, log_eps = time.perf_counter(), 0
+    while state.step < cfg.train.max_steps:
+        step = state.step
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for _ in range(cfg.optim.grad_accum):
+            batch = next(batches)
+            with acc.accumulate(step_fn):
+                with acc.autocast():
+                    terms = step_fn(batch.s_img, batch.s_lbl, batch.q_img, batch.n_way, q_lbl=batch.q_lbl)
+                acc.backward(terms["loss"])
+                grad_norm = acc.clip_grad_norm_(step_fn.parameters(), cfg.optim.grad_clip) \
+                    if acc.sync_gradients and cfg.optim.grad_clip > 0 else None
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        state.step += 1
+        log_eps += cfg.episodes.episodes_per_step * cfg.optim.grad_accum * world
+
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            now = time.perf_counter()
+            logs = {f"train/{k}": float(v.detach()) for k, v in terms.items() if k != "logits" and v.ndim == 0}
+            logs.update({"train/lr": lr, "perf/episodes_per_s": log_eps / (now - log_t)})
+            if grad_norm is not None:
+                logs["train/grad_norm"] = float(grad_norm)
+            if dev.type == "cuda":
+                logs["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            acc.log(logs, step=state.step)
+            progress.update(state.step, logs)
+            log_t, log_eps = now, 0
+
+        if val is not None and cfg.train.val_every > 0 and (
+                state.step % cfg.train.val_every == 0 or state.step == cfg.train.max_steps):
+            metrics, panel = validate(acc, step_fn, val, cfg)
+            acc.log(metrics, step=state.step)
+            if use_wandb and acc.is_main_process and panel and cfg.train.image_every > 0:
+                _log_panel(acc, panel, state.step)
+            progress.message(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            score = metrics[cfg.train.best_metric]
+            if score > state.best:
+                state.best, state.best_step, state.bad_validations = score, state.step, 0
+                _save_model(acc, step_fn, cfg, out / "best")
+            else:
+                state.bad_validations += 1
+            if 0 < cfg.train.patience <= state.bad_validations:
+                progress.message(f"early stop at step {state.step}: no better {cfg.train.best_metric} in "
+                                 f"{state.bad_validations} validations (best {state.best:.4f} at {state.best_step})")
+                break
+
+        preempt = acc.reduce(torch.tensor([float(stop.local(acc.is_main_process))], device=dev), "max")
+        if preempt.item() > 0:
+            _checkpoint(acc, out, state, cfg)
+            if acc.is_main_process:
+                (out / "PREEMPT").unlink(missing_ok=True)
+                (out / "PREEMPTED").write_text(f"{state.step}\n")
+            progress.close()
+            acc.print(f"preempted: checkpoint saved at step {state.step}", flush=True)
+            acc.end_training()
+            return state
+        if cfg.train.save_every > 0 and state.step % cfg.train.save_every == 0:
+            _checkpoint(acc, out, state, cfg)
+
+    progress.close()
+    _checkpoint(acc, out, state, cfg)
+    _save_model(acc, step_fn, cfg, out)
+    digest = param_digest(acc.unwrap_model(step_fn))
+    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "step": state.step, "params": digest,
+                                                      "episodes": state.step * cfg.optim.grad_accum
+                                                      * cfg.episodes.episodes_per_step}))
+    if acc.is_main_process:
+        (out / "PREEMPTED").unlink(missing_ok=True)
+        (out / "DONE").write_text(json.dumps(asdict(state)) + "\n")
+        acc.print(f"done: {state.step} steps; model {out / 'model.safetensors'}"
+                  + (f"; best {cfg.train.best_metric} {state.best:.4f} at step {state.best_step}"
+                     if state.best_step >= 0 else ""), flush=True)
+    acc.end_training()
+    return state
+
+
+def _wandb_id(out: Path) -> str:
+    path = out / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = hashlib.sha1(f"{out.resolve()}{time.time()}".encode()).hexdigest()[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def _superpixel_pool(cfg: Config, shards: Path, rank: int, world: int) -> Pool:
+    split = cfg.data.unlabeled_split
+    names, keys = rank_subset(shards, split, rank, world)
+    return load_split(shards, split, names, cfg.data.image_size, keys)
+
+
+def _batches(cfg: Config, sampler: EpisodeSampler, pool: Pool, sp_pool: Pool | None, start: int,
+             dev: torch.device):
+    """Batches for micro-steps from start * grad_accum on, on `dev`: built on the device from a device-side
+    pool (the fast path), or on the CPU by DataLoader workers."""
+    first, stop = start * cfg.optim.grad_accum, cfg.train.max_steps * cfg.optim.grad_accum
+    if cfg.data.num_workers > 0:
+        stream = EpisodeStream(sampler, pool, cfg.augment, first, stop, sp_pool)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+                                             pin_memory=dev.type == "cuda", persistent_workers=False)
+        for _, batch in loader:
+            yield batch.to(dev)
+        return
+    where = dev if cfg.data.cache_on_device else torch.device("cpu")
+    tensors = PoolTensors.from_pool(pool, where)
+    sp = PoolTensors.from_pool(sp_pool, where) if sp_pool is not None else None
+    for micro in range(first, stop):
+        gen = step_generator(sampler.seed, sampler.rank, micro, where)
+        yield make_batch(sampler.step(micro), tensors, cfg.episodes.n_way, cfg.augment, gen, sp).to(dev)
+
+
+@dataclass
+class ValSet:
+    sampler: EpisodeSampler
+    tensors: PoolTensors
+
+
+def _val_setup(cfg: Config, shards: Path) -> ValSet | None:
+    index = read_index(shards)
+    if cfg.train.val_every <= 0 or cfg.data.val_split not in index["splits"]:
+        return None
+    pool = load_split(shards, cfg.data.val_split, size=cfg.data.image_size)
+    held_out = set(index.get("val_classes") or []) or None  # novel-class validation when classes are held out
+    val_cfg = type(cfg.episodes)(**{**asdict(cfg.episodes), "episodes_per_step": 1})
+    try:
+        sampler = EpisodeSampler(pool, val_cfg, cfg.train.val_seed, rank=0, allowed_classes=held_out)
+        sampler.episode(0)
+    except FsctError as e:
+        print(f"validation off: {e}", flush=True)
+        return None
+    return ValSet(sampler, PoolTensors.from_pool(pool))
+
+
+@torch.no_grad()
+def validate(acc, step_fn: nn.Module, val: ValSet, cfg: Config) -> tuple[dict[str, float], list]:
+    """Fixed seeded val episodes, split across ranks; sums are reduced so every rank sees the same numbers."""
+    model = acc.unwrap_model(step_fn)
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)
+    panel = []
+    for i in range(acc.process_index, cfg.train.val_episodes, acc.num_processes):
+        batch = make_batch([val.sampler.episode(i)], val.tensors, cfg.episodes.n_way, None, None).to(acc.device)
+        with acc.autocast():
+            logits = model(batch.s_img, batch.s_lbl, batch.q_img, batch.n_way)
+        pred = logits.argmax(2)[0]
+        truth = batch.q_lbl[0]
+        fg, with_bg = episode_miou(pred, truth, batch.n_way + 1)
+        ari = np.mean([official_score_slice(t, p) for t, p in zip(truth.cpu().numpy(), pred.cpu().numpy())])
+        sums += torch.tensor([fg, with_bg, ari, 1.0], dtype=torch.float64)
+        if i == 0:
+            panel = [(batch.q_img[0, j, 0].float().cpu().numpy(), pred[j].cpu().numpy(), truth[j].cpu().numpy())
+                     for j in range(min(4, pred.shape[0]))]
+    model.train()
+    sums = acc.reduce(sums.to(acc.device), "sum").cpu()
+    n = max(sums[3].item(), 1.0)
+    return {"val/miou": sums[0].item() / n, "val/miou_bg": sums[1].item() / n, "val/ari_fg": sums[2].item() / n}, panel
+
+
+def _log_panel(acc, panel: list, step: int) -> None:
+    import wandb
+
+    images = [wandb.Image((img * 0.5 + 0.5).clip(0, 1), masks={
+        "prediction": {"mask_data": pred.astype(np.uint8)}, "ground_truth": {"mask_data": truth.astype(np.uint8)}},
+        caption=f"query {j}") for j, (img, pred, truth) in enumerate(panel)]
+    acc.get_tracker("wandb", unwrap=True).log({"val/queries": images}, step=step)
+
+
+def _checkpoint(acc, out: Path, state: TrainerState, cfg: Config) -> None:
+    path = out / "checkpoints" / f"{CKPT_PREFIX}{state.step:08d}"
+    acc.wait_for_everyone()
+    acc.save_state(str(path))
+    if acc.is_main_process:
+        (path / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        old = sorted((out / "checkpoints").glob(f"{CKPT_PREFIX}*"))
+        for stale in old[: max(0, len(old) - max(1, cfg.train.keep_checkpoints))]:
+            shutil.rmtree(stale, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _save_model(acc, step_fn: nn.Module, cfg: Config, folder: Path) -> None:
+    """safetensors weights beside the resolved config: what `fsct predict --checkpoint` reads."""
+    from safetensors.torch import save_file
+
+    if acc.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(step_fn).state_dict().items()}
+        save_file(weights, str(folder / "model.safetensors.tmp"))
+        (folder / "model.safetensors.tmp").replace(folder / "model.safetensors")
+        save_config(cfg, folder / "config.yaml")
+
+
+class _Progress:
+    """A rich bar with loss and episodes/s on a terminal; plain one-line summaries in a log file."""
+
+    def __init__(self, cfg: Config, enabled: bool, start: int):
+        self.enabled, self.total, self.bar = enabled, cfg.train.max_steps, None
+        if enabled and is_terminal():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"))
+            self.task = self.bar.add_task("train", total=self.total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, logs: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        info = f"loss {logs['train/loss']:.4f} lr {logs['train/lr']:.2e} {logs['perf/episodes_per_s']:.1f} ep/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        else:
+            print(f"step {step}/{self.total} {info}", flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML file (configs/*.yaml)")
+    p.add_argument("--resume", help="auto (newest checkpoint in the output dir, if any) or a checkpoint dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, args.resume)
+    return 0
