@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,28 @@ def fsct_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
+
+
+def fsct(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fsct", *args], capture_output=True, text=True,
+                          env=fsct_env(), cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    r = fsct("synth", "--out", str(out), "--n-train", "14", "--n-test", "4", "--labelled-fraction", "0.6",
+             "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards(synth: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "synth"
+    r = fsct("shard", "--images", str(synth / "X_train" / "images"), "--labels", str(synth / "Y_train.csv"),
+             "--out", str(out), "--shard-size", "3", "--val-fraction", "0.25", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    r = fsct("shard", "--images", str(synth / "X_test" / "images"), "--out", str(out), "--split", "test")
+    assert r.returncode == 0, r.stderr
+    return out
