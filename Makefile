@@ -19,7 +19,6 @@ test: install
 
 lint: install
 	$(PYTHON) -m ruff check fsct tests tools
-	$(PYTHON) -m ruff format --check fsct tests tools
 
 bench: bench-shard bench-submission
 

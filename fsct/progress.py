@@ -23,8 +23,14 @@ def track(items: Iterable[T], total: int | None = None, desc: str = "", every_s:
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     if is_terminal():
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TimeRemainingColumn()]

@@ -101,9 +101,11 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     return found[-1].parent if found else None
 
 
-def param_digest(model: nn.Module) -> str:
+def param_digest(model: nn.Module, buffers: bool = False) -> str:
+    """A short hash of the weights (and, with buffers, BatchNorm statistics: those stay per rank in DDP)."""
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    tensors = model.state_dict() if buffers else dict(model.named_parameters())
+    for name, p in sorted(tensors.items()):
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -155,6 +157,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
             "resume": "allow", "dir": str(out)}})
 
     batches = _batches(cfg, sampler, pool, sp_pool, state.step, dev)
+    drawn = hashlib.sha256()  # which slices this rank trained on, for the audit in rank{r}.json
     progress = _Progress(cfg, acc.is_main_process, state.step)
     log_t, log_eps = time.perf_counter(), 0
     while state.step < cfg.train.max_steps:
@@ -163,7 +166,10 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
         for g in opt.param_groups:
             g["lr"] = lr
         for _ in range(cfg.optim.grad_accum):
-            batch = next(batches)
+            episodes, batch = next(batches)
+            for ep in episodes:
+                keys = (sp_pool if ep.source == "superpixel" else pool).keys
+                drawn.update(" ".join(keys[i] for i in (*ep.support, *ep.query)).encode() + b";")
             with acc.accumulate(step_fn):
                 with acc.autocast():
                     terms = step_fn(batch.s_img, batch.s_lbl, batch.q_img, batch.n_way, q_lbl=batch.q_lbl)
@@ -221,10 +227,12 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
     progress.close()
     _checkpoint(acc, out, state, cfg)
     _save_model(acc, step_fn, cfg, out)
-    digest = param_digest(acc.unwrap_model(step_fn))
-    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "step": state.step, "params": digest,
-                                                      "episodes": state.step * cfg.optim.grad_accum
-                                                      * cfg.episodes.episodes_per_step}))
+    final = acc.unwrap_model(step_fn)
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "step": state.step, "params": param_digest(final),
+        "state": param_digest(final, buffers=True), "pool_keys": pool.keys,
+        "episodes": state.step * cfg.optim.grad_accum * cfg.episodes.episodes_per_step,
+        "episodes_digest": drawn.hexdigest()[:16]}))
     if acc.is_main_process:
         (out / "PREEMPTED").unlink(missing_ok=True)
         (out / "DONE").write_text(json.dumps(asdict(state)) + "\n")
@@ -252,22 +260,23 @@ def _superpixel_pool(cfg: Config, shards: Path, rank: int, world: int) -> Pool:
 
 def _batches(cfg: Config, sampler: EpisodeSampler, pool: Pool, sp_pool: Pool | None, start: int,
              dev: torch.device):
-    """Batches for micro-steps from start * grad_accum on, on `dev`: built on the device from a device-side
-    pool (the fast path), or on the CPU by DataLoader workers."""
+    """(episodes, batch) for micro-steps from start * grad_accum on, batch on `dev`: built on the device
+    from a device-side pool (the fast path), or on the CPU by DataLoader workers."""
     first, stop = start * cfg.optim.grad_accum, cfg.train.max_steps * cfg.optim.grad_accum
     if cfg.data.num_workers > 0:
         stream = EpisodeStream(sampler, pool, cfg.augment, first, stop, sp_pool)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
                                              pin_memory=dev.type == "cuda", persistent_workers=False)
-        for _, batch in loader:
-            yield batch.to(dev)
+        for step, batch in loader:
+            yield sampler.step(step), batch.to(dev)
         return
     where = dev if cfg.data.cache_on_device else torch.device("cpu")
     tensors = PoolTensors.from_pool(pool, where)
     sp = PoolTensors.from_pool(sp_pool, where) if sp_pool is not None else None
     for micro in range(first, stop):
         gen = step_generator(sampler.seed, sampler.rank, micro, where)
-        yield make_batch(sampler.step(micro), tensors, cfg.episodes.n_way, cfg.augment, gen, sp).to(dev)
+        episodes = sampler.step(micro)
+        yield episodes, make_batch(episodes, tensors, cfg.episodes.n_way, cfg.augment, gen, sp).to(dev)
 
 
 @dataclass
@@ -306,7 +315,8 @@ def validate(acc, step_fn: nn.Module, val: ValSet, cfg: Config) -> tuple[dict[st
         pred = logits.argmax(2)[0]
         truth = batch.q_lbl[0]
         fg, with_bg = episode_miou(pred, truth, batch.n_way + 1)
-        ari = np.mean([official_score_slice(t, p) for t, p in zip(truth.cpu().numpy(), pred.cpu().numpy())])
+        t_np, p_np = truth.cpu().numpy(), pred.cpu().numpy()
+        ari = np.mean([official_score_slice(t, p) for t, p in zip(t_np, p_np, strict=True)])
         sums += torch.tensor([fg, with_bg, ari, 1.0], dtype=torch.float64)
         if i == 0:
             panel = [(batch.q_img[0, j, 0].float().cpu().numpy(), pred[j].cpu().numpy(), truth[j].cpu().numpy())
