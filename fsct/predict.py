@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fsct.atomic import atomic_file
 from fsct.config import Config, PredictConfig, load_config
 from fsct.data.challenge import list_images, read_image
-from fsct.data.shards import Pool, load_split, read_index
+from fsct.data.shards import Pool, key_order, load_split, rank_subset
 from fsct.errors import FsctError
 from fsct.model.panet import PANet
 from fsct.progress import track
@@ -135,21 +135,13 @@ class Queries:
 def query_source(images: Path, split: str, rank: int, world: int) -> Queries:
     """This rank's test slices: shards[rank::world] of a shard folder, or every world-th PNG of a folder."""
     if (images / "index.json").is_file():
-        info = read_index(images)["splits"].get(split)
-        if info is None:
-            raise FsctError(f"{images}: no split '{split}' in index.json")
-        names = [s["name"] for s in info["shards"]][rank::world]
-        pool = load_split(images, split, names) if names else None
-        keys = pool.keys if pool else []
-        pos = {k: i for i, k in enumerate(keys)}
-        return Queries(keys, lambda ks: pool.images[[pos[k] for k in ks]])
+        names, keys = rank_subset(images, split, rank, world)
+        pool = load_split(images, split, names, keys=keys)
+        pos = {k: i for i, k in enumerate(pool.keys)}
+        return Queries(pool.keys, lambda ks: pool.images[[pos[k] for k in ks]])
     paths = list_images(images)[rank::world]
     by_key = {p.stem: p for p in paths}
     return Queries([p.stem for p in paths], lambda ks: np.stack([read_image(by_key[k]) for k in ks]))
-
-
-def _key_order(k: str) -> tuple[int, str]:
-    return (int(k), k) if k.isdigit() else (1 << 62, k)
 
 
 def parts_dir(out: Path) -> Path:
@@ -225,7 +217,7 @@ def merge_parts(out: Path, world: int) -> None:
         with np.load(part_path(out, r, world)) as z:
             keys += z["keys"].tolist()
             masks.append(z["masks"])
-    order = sorted(range(len(keys)), key=lambda i: _key_order(keys[i]))
+    order = sorted(range(len(keys)), key=lambda i: key_order(keys[i]))
     arr = np.concatenate(masks)[order]
     write_submission(out, arr)
     (out.parent / f"{out.name}.keys.json").write_text(json.dumps([keys[i] for i in order]))

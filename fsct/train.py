@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from fsct.config import Config, load_config, save_config, to_dict
 from fsct.data.episodes import EpisodeSampler, EpisodeStream, PoolTensors, make_batch, step_generator
-from fsct.data.shards import Pool, load_split, read_index
+from fsct.data.shards import Pool, load_split, rank_subset, read_index
 from fsct.errors import FsctError
 from fsct.metrics import episode_miou, official_score_slice
 from fsct.model.panet import build_model
@@ -65,21 +65,6 @@ def lr_at(step: int, cfg: Config) -> float:
         return o.lr * (step + 1) / o.warmup_steps
     t = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def rank_subset(shards: Path, split: str, rank: int, world: int) -> tuple[list[str], set[str] | None]:
-    """This rank's shards; with fewer shards than ranks, every rank reads all and keeps every world-th key."""
-    info = read_index(shards)["splits"].get(split)
-    if info is None:
-        raise FsctError(f"{shards}: no split '{split}' in index.json")
-    names = [s["name"] for s in info["shards"]]
-    if len(names) >= world:
-        return names[rank::world], None
-    return names, set(sorted(info["samples"], key=_key_order)[rank::world])
-
-
-def _key_order(k: str) -> tuple[int, str]:
-    return (int(k), k) if k.isdigit() else (1 << 62, k)
 
 
 def resolve_precision(cfg: Config) -> str:

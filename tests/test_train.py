@@ -15,8 +15,8 @@ import torch
 
 from fsct.config import load_config
 from fsct.data.episodes import EpisodeSampler, EpisodeStream
-from fsct.data.shards import load_split
-from fsct.train import _batches, rank_subset
+from fsct.data.shards import load_split, rank_subset
+from fsct.train import _batches
 from tests.conftest import REPO, fsct_env
 
 TINY = ["data.image_size=64", "model.feature_dim=32", "episodes.n_way=2", "episodes.k_shot=1",

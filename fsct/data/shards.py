@@ -297,6 +297,22 @@ def iter_shard(path: Path) -> Iterator[dict]:
         yield sample
 
 
+def rank_subset(shards: Path, split: str, rank: int, world: int) -> tuple[list[str], set[str] | None]:
+    """This rank's shards; with fewer shards than ranks, every rank reads all and keeps every world-th key."""
+    info = _read_index(shards)["splits"].get(split)
+    if info is None:
+        raise FsctError(f"{shards}: no split '{split}' in index.json")
+    names = [s["name"] for s in info["shards"]]
+    if len(names) >= world:
+        return names[rank::world], None
+    return names, set(sorted(info["samples"], key=key_order)[rank::world])
+
+
+def key_order(k: str) -> tuple[int, str]:
+    """Slice keys sort numerically, as the challenge orders slices (2 before 10)."""
+    return (int(k), k) if k.isdigit() else (1 << 62, k)
+
+
 @dataclass
 class Pool:
     """Decoded slices of a split, resized for training: what episodes draw from."""
