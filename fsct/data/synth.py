@@ -21,12 +21,13 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy import ndimage
 
 from fsct.atomic import atomic_dir, atomic_file
 from fsct.errors import FsctError
 from fsct.progress import track
+from fsct.viz import grid, overlay
 
 SIZE = 512
 SPLIT_IDS = {"train": 0, "test": 1}
@@ -604,32 +605,13 @@ def write_label_csv(path: Path, masks: np.ndarray, columns: list[str]) -> None:
             f.write(chunk)
 
 
-def _palette() -> np.ndarray:
-    pal = np.zeros((256, 3), np.uint8)
-    for i in range(1, 256):
-        h = (i * 0.618034) % 1.0
-        rgb = np.clip(np.abs((h * 6 + np.array([0, 4, 2])) % 6 - 3) - 1, 0, 1)
-        pal[i] = (55 + 200 * rgb).astype(np.uint8)
-    return pal
-
-
 def contact_sheet(images: list[np.ndarray], masks: list[np.ndarray], titles: list[str], tile: int = 256
                   ) -> Image.Image:
     """Two slices per row, each as [image | mask overlaid in colour]."""
-    pal = _palette()
-    cols = 2
-    rows = (len(images) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * 2 * tile, rows * tile), (0, 0, 0))
-    draw = ImageDraw.Draw(sheet)
-    for k, (img, m, title) in enumerate(zip(images, masks, titles, strict=True)):
-        gray = np.repeat(img[..., None], 3, axis=2).astype(np.float32)
-        over = np.where(m[..., None] > 0, 0.45 * gray + 0.55 * pal[m].astype(np.float32), gray)
-        x, y = (k % cols) * 2 * tile, (k // cols) * tile
-        for j, arr in enumerate((gray, over)):
-            pic = Image.fromarray(arr.astype(np.uint8)).resize((tile, tile), Image.Resampling.BILINEAR)
-            sheet.paste(pic, (x + j * tile, y))
-        draw.text((x + 4, y + 4), title, fill=(255, 255, 0))
-    return sheet
+    tiles = [(img, overlay(img, m), title) for img, m, title in zip(images, masks, titles, strict=True)]
+    rows = [tiles[i:i + 2] for i in range(0, len(tiles), 2)]
+    return grid([[a for img, over, _ in r for a in (img, over)] for r in rows],
+                [[t for _, _, title in r for t in (title, "")] for r in rows], tile)
 
 
 def _generate(job: tuple[SynthSettings, str, int, bool]) -> tuple[bytes, np.ndarray, float, list[int]]:

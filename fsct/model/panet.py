@@ -1,0 +1,211 @@
+"""PANet (Wang et al., ICCV 2019) for few-shot CT segmentation, batched over episodes.
+
+Shapes: E episodes, S support and Q query slices per episode, K = n_way + 1 label channels (0 is
+background), features at stride 8. Two variants (cfg.variant):
+
+- `panet`: prototypes for background and every way by masked average pooling over the support, cosine
+  similarity * cfg.scale, cross-entropy of the upsampled logits against the full-resolution query labels,
+  plus prototype alignment regularisation (PAR, weight cfg.par_weight): the query's predicted masks make
+  prototypes from the query features that must segment the support back.
+  Support masks reach feature resolution as area-interpolated one-hots (the fraction of each feature cell
+  covered by each class). The official repo upsamples the features to the mask size instead; pooling at
+  stride 8 is the same weighted average up to the bilinear kernel, and 64x cheaper in memory and time.
+- `seed`: the notebook's model exactly: no background prototype, scale 1, no PAR, masks downsampled with
+  nearest, cross-entropy at feature resolution over the episode's ways with background pixels ignored,
+  BatchNorm statistics per (episode, support|query) call in train mode. Its predictions are never
+  background: to keep one output shape its channel 0 is filled with SEED_BG_LOGIT, a large negative
+  number that softmax and argmax ignore.
+
+Prototypes, cosine logits and losses are computed in fp32 (autocast disabled there); the encoder may run
+under bf16 autocast and in channels_last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsct.config import ModelConfig
+from fsct.errors import FsctError
+from fsct.model.encoder import ResNetEncoder
+
+VARIANTS = ("panet", "seed")
+# Seed variant's background channel: exp(-1e4 - x) is 0 in fp32, and -1e4 is exact in bf16 too.
+SEED_BG_LOGIT = -1.0e4
+PANET_EPS = 1e-5  # the official repo's guard on empty masks
+SEED_EPS = 1e-6  # the notebook's
+
+
+def _fp32(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Switch autocast off: cosine, softmax and losses stay fp32 even inside a bf16 region."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def one_hot(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., H, W) integer labels in 0..k-1 -> (..., k, H, W) float32 one-hot."""
+    classes = torch.arange(k, device=labels.device).view(k, 1, 1)
+    return (labels.unsqueeze(-3) == classes).float()
+
+
+def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size, mode: str) -> torch.Tensor:
+    """F.interpolate over the last two dims of a (..., C, H, W) tensor of any rank >= 3."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    lead = x.shape[:-3]
+    flat = x.reshape(-1, *x.shape[-3:])
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(flat, size=tuple(size), mode=mode, **kw).reshape(*lead, *flat.shape[-3:-2], *size)
+
+
+def masked_average(feats: torch.Tensor, onehot: torch.Tensor, eps: float = PANET_EPS) -> torch.Tensor:
+    """Masked average pooling over all slices: feats (..., B, C, h, w), onehot (..., B, K, h, w) ->
+    prototypes (..., K, C) in fp32 ((B,C,h,w) -> (K,C); (E,S,C,h,w) -> (E,K,C)). A class with no pixels
+    gets a zero prototype (its cosine with anything is then 0)."""
+    with _fp32(feats):
+        f, m = feats.float(), onehot.float()
+        sums = torch.einsum("...bchw,...bkhw->...kc", f, m)
+        counts = m.sum(dim=(-4, -2, -1))
+        return sums / (counts.unsqueeze(-1) + eps)
+
+
+def cosine_logits(feats: torch.Tensor, protos: torch.Tensor, scale: float) -> torch.Tensor:
+    """feats (..., B, C, h, w), prototypes (..., K, C) -> cosine similarity * scale (..., B, K, h, w), fp32."""
+    with _fp32(feats):
+        f = F.normalize(feats.float(), dim=-3)
+        p = F.normalize(protos.float(), dim=-1)
+        return scale * torch.einsum("...bchw,...kc->...bkhw", f, p)
+
+
+class PANet(nn.Module):
+    """`model(s_img, s_lbl, q_img, n_way)` -> logits (E, Q, n_way+1, H, W);
+    `model(..., q_lbl=q_lbl)` (or `model.loss(...)`) -> {"loss", "ce", "par", "logits"}.
+
+    Training goes through forward (q_lbl given) so that DDP and torch.compile wrappers see the call.
+    Inputs: s_img (E,S,1,H,W) float, s_lbl (E,S,H,W) long in 0..n_way, q_img (E,Q,1,H,W),
+    q_lbl (E,Q,H,W) long in 0..n_way. Labels are not range-checked (that would sync the GPU).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.variant not in VARIANTS:
+            raise FsctError(f"config: model.variant={cfg.variant!r} is not one of {', '.join(VARIANTS)}")
+        self.variant = cfg.variant
+        self.scale = 1.0 if cfg.variant == "seed" else float(cfg.scale)
+        self.par_weight = 0.0 if cfg.variant == "seed" else float(cfg.par_weight)
+        self.eps = SEED_EPS if cfg.variant == "seed" else PANET_EPS
+        self.channels_last = cfg.channels_last
+        d = cfg.feature_dim
+        self.encoder = ResNetEncoder(1, d)
+        self.fusion = nn.Sequential(nn.Conv2d(d * 3, d, 1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True))
+        if cfg.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    # -- building blocks (also used by prediction) -------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,1,H,W) -> fused multi-scale features (B,C,H/8,W/8): layer3/4 upsampled to layer2's size."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        f2, f3, f4 = self.encoder(x)
+        size = f2.shape[-2:]
+        ups = [f2] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in (f3, f4)]
+        return self.fusion(torch.cat(ups, 1))
+
+    def prototypes(self, feats: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """(B,C,h,w), (B,K,h,w) -> (K,C); batched (E,S,C,h,w), (E,S,K,h,w) -> (E,K,C)."""
+        return masked_average(feats, onehot, self.eps)
+
+    def logits(self, feats: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+        """(B,C,h,w), (K,C) -> (B,K,h,w); batched (E,Q,C,h,w), (E,K,C) -> (E,Q,K,h,w)."""
+        return cosine_logits(feats, protos, self.scale)
+
+    def support_onehot(self, labels: torch.Tensor, k: int, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """Full-resolution labels (..., H, W) -> (..., K, h, w) masks at feature resolution, as the variant
+        pools them: area-interpolated one-hot (panet) or nearest-downsampled labels (seed)."""
+        if self.variant == "seed":
+            small = resize(labels.unsqueeze(-3).float(), size, "nearest").squeeze(-3).long()
+            return one_hot(small, k)
+        return resize(one_hot(labels, k), size, "area")
+
+    # -- episodes ------------------------------------------------------------------------------------------
+    def encode(self, s_img: torch.Tensor, q_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> support features (E,S,C,h,w), query features (E,Q,C,h,w)."""
+        e, s, q = s_img.shape[0], s_img.shape[1], q_img.shape[1]
+        if self.variant == "seed" and self.training:
+            # The notebook encodes each episode's support and query in separate calls: in train mode
+            # BatchNorm normalises with each call's own batch statistics, so that is part of its loss.
+            feats = [self.features(x) for i in range(e) for x in (s_img[i], q_img[i])]
+            return torch.stack(feats[0::2]), torch.stack(feats[1::2])
+        # One encoder call for support and query of all episodes: fewer, larger kernels.
+        f = self.features(torch.cat([s_img.flatten(0, 1), q_img.flatten(0, 1)]))
+        return f[: e * s].unflatten(0, (e, s)), f[e * s :].unflatten(0, (e, q))
+
+    def forward(
+        self,
+        s_img: torch.Tensor,
+        s_lbl: torch.Tensor,
+        q_img: torch.Tensor,
+        n_way: int,
+        q_lbl: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        k = n_way + 1
+        size = q_img.shape[-2:]
+        sf, qf = self.encode(s_img, q_img)
+        with _fp32(sf):
+            sf, qf = sf.float(), qf.float()
+            protos = self.prototypes(sf, self.support_onehot(s_lbl, k, sf.shape[-2:]))  # (E,K,C)
+            if self.variant == "seed":
+                low = self.logits(qf, protos[:, 1:])  # ways only: no background prototype
+                fg = resize(low, size, "bilinear")
+                bg = fg.new_full((*fg.shape[:2], 1, *fg.shape[3:]), SEED_BG_LOGIT)
+                logits = torch.cat([bg, fg], dim=2)
+            else:
+                low = self.logits(qf, protos)  # (E,Q,K,h,w)
+                logits = resize(low, size, "bilinear")
+            if q_lbl is None:
+                return logits
+            if self.variant == "seed":
+                ce = self._seed_ce(low, q_lbl)
+            else:
+                ce = F.cross_entropy(logits.flatten(0, 1), q_lbl.flatten(0, 1))
+            par = self._par(sf, s_lbl, qf, low, k) if self.par_weight > 0 else ce.new_zeros(())
+            return {"loss": ce + self.par_weight * par, "ce": ce, "par": par, "logits": logits}
+
+    def loss(
+        self, s_img: torch.Tensor, s_lbl: torch.Tensor, q_img: torch.Tensor, q_lbl: torch.Tensor, n_way: int
+    ) -> dict[str, torch.Tensor]:
+        """{"loss": total, "ce", "par" (0 when off), "logits": (E,Q,n_way+1,H,W)}."""
+        return self(s_img, s_lbl, q_img, n_way, q_lbl=q_lbl)
+
+    def _seed_ce(self, low: torch.Tensor, q_lbl: torch.Tensor) -> torch.Tensor:
+        """The notebook's loss: CE at feature resolution over the ways, background ignored, one mean per
+        episode (the notebook has one episode per step), then the mean over episodes. Like the notebook's,
+        it is NaN for an episode whose queries hold no pixel of any way (the sampler never draws one)."""
+        e = low.shape[0]
+        target = resize(q_lbl.unsqueeze(-3).float(), low.shape[-2:], "nearest").squeeze(-3).long() - 1
+        per_px = F.cross_entropy(low.flatten(0, 1), target.flatten(0, 1), ignore_index=-1, reduction="none")
+        valid = (target >= 0).reshape(e, -1).sum(1)
+        return (per_px.reshape(e, -1).sum(1) / valid).mean()
+
+    def _par(self, sf: torch.Tensor, s_lbl: torch.Tensor, qf: torch.Tensor, low: torch.Tensor, k: int) -> torch.Tensor:
+        """Prototype alignment: prototypes from the query's predicted masks (argmax: no gradient through the
+        masks, gradients flow through the query features) segment the support, CE vs its labels. All
+        classes at once (the official repo does one binary problem per way); a class the query does not
+        predict gets a zero prototype, i.e. logit 0."""
+        pred = one_hot(low.detach().argmax(2), k)  # (E,Q,K,h,w)
+        q_protos = self.prototypes(qf, pred)  # (E,K,C)
+        s_logits = resize(self.logits(sf, q_protos), s_lbl.shape[-2:], "bilinear")
+        return F.cross_entropy(s_logits.flatten(0, 1), s_lbl.flatten(0, 1))
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """PANet in channels_last when cfg.channels_last (weights at construction, inputs in features()),
+    and, when cfg.compile, with the whole module compiled in place (nn.Module.compile): the training
+    forward including the losses becomes one graph, and state_dict keys stay unprefixed. Calls to
+    `features`/`prototypes`/`logits` from outside forward (prediction) run eager."""
+    model = PANet(cfg)
+    if cfg.compile:
+        model.compile()
+    return model
