@@ -175,6 +175,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
             if dev.type == "cuda":
                 logs["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             acc.log(logs, step=state.step)
+            _append_metrics(acc, out, state.step, logs)
             progress.update(state.step, logs)
             log_t, log_eps = now, 0
 
@@ -182,6 +183,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
                 state.step % cfg.train.val_every == 0 or state.step == cfg.train.max_steps):
             metrics, panel = validate(acc, step_fn, val, cfg)
             acc.log(metrics, step=state.step)
+            _append_metrics(acc, out, state.step, metrics)
             if use_wandb and acc.is_main_process and panel and cfg.train.image_every > 0:
                 _log_panel(acc, panel, state.step)
             progress.message(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -226,6 +228,13 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
                      if state.best_step >= 0 else ""), flush=True)
     acc.end_training()
     return state
+
+
+def _append_metrics(acc, out: Path, step: int, values: dict[str, float]) -> None:
+    """metrics.jsonl in the output dir: the run's history without W&B (and for scripts comparing runs)."""
+    if acc.is_main_process:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
 
 
 def _wandb_id(out: Path) -> str:
@@ -276,7 +285,10 @@ def _val_setup(cfg: Config, shards: Path) -> ValSet | None:
         return None
     pool = load_split(shards, cfg.data.val_split, size=cfg.data.image_size)
     held_out = set(index.get("val_classes") or []) or None  # novel-class validation when classes are held out
-    val_cfg = type(cfg.episodes)(**{**asdict(cfg.episodes), "episodes_per_step": 1})
+    # Validation scores true masks: superpixel ways are pseudo-labels, and the val split has none.
+    mix = {m: w for m, w in (cfg.episodes.mix or {cfg.episodes.mode: 1.0}).items() if m != "superpixel"}
+    val_cfg = type(cfg.episodes)(**{**asdict(cfg.episodes), "episodes_per_step": 1,
+                                    "mix": mix or {"slice": 1.0}})
     try:
         sampler = EpisodeSampler(pool, val_cfg, cfg.train.val_seed, rank=0, allowed_classes=held_out)
         sampler.episode(0)
