@@ -29,7 +29,7 @@ bench-submission: install
 	$(PYTHON) tools/bench_submission.py
 
 bench-gpu: install
-	$(FSCT) bench train --out bench/train.json
+	$(FSCT) bench train --config configs/panet_5w5s.yaml --compare-compile --out bench/train.json
 	$(FSCT) bench predict --out bench/predict.json
 
 clean:
