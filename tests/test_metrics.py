@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import fsct_env
+from tests.conftest import fsct_env
 
 from fsct import metrics
 from fsct.data.challenge import read_labels

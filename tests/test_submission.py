@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, fsct_env
+from tests.conftest import REPO, fsct_env
 from PIL import Image
 
 from fsct.errors import FsctError
