@@ -100,8 +100,11 @@ class PredictConfig:
     batch_size: int = 16
     tta_flip: bool = False
     seed: int = 0
-    unexplained_threshold: float = 0.5  # partition: cosine similarity under which fg is "unexplained"
+    unexplained_threshold: float = 0.5  # partition: best softmax probability under which a pixel is unexplained
     min_region: int = 64  # partition: regions smaller than this (pixels at 512x512) are merged
+    partition_split: str = "group"  # partition: group | superpixels | components (see fsct/partition.py)
+    sp_scale: float = 30.0  # partition: Felzenszwalb scale of those superpixels (larger: fewer, bigger)
+    glue_cosine: float = 0.0  # partition group: glue neighbour superpixels with embedding cosine >= this (0 off)
 
 
 @dataclass

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from tests.conftest import fsct_env
 
 from fsct import metrics
 from fsct.data.challenge import read_labels
+from tests.conftest import fsct_env
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tests.conftest import REPO, fsct_env
 from PIL import Image
 
 from fsct.errors import FsctError
 from fsct.submission import read_submission, validate_submission, write_submission
+from tests.conftest import REPO, fsct_env
 
 N_TEST = 3
 

@@ -1,0 +1,224 @@
+"""Partition inference: a test slice has no support mask, so its prediction is a partition of the body.
+
+`partition_split: group` (the default, measured best in docs/RESULTS.md): intensity superpixels of the
+body (Felzenszwalb, fsct.data.superpixels) are the units, and the prototypes from train support only glue
+together adjacent superpixels that they confidently (mean softmax probability >= `unexplained_threshold`)
+give the same foreground class. What no prototype explains, and background, stays split by superpixels,
+so unseen structures get regions of their own. Alternatives, measured worse: `superpixels` (every
+confidently recognised pixel keeps its class, only the unexplained rest is cut by superpixels) and
+`components` (the unexplained rest is cut into connected components only).
+
+Either way a class that shows up as several disjoint blobs becomes one region per blob (left and right
+kidney are different structures whatever the prototype says), regions under `min_region` pixels are merged
+into the neighbour they share the longest border with, and ids are re-assigned: the largest blob of a
+class keeps the class id, every other region takes an id the prediction does not use. The official score
+is an ARI over the truth's foreground: only which pixels are grouped together counts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import sparse
+from scipy.sparse import csgraph
+
+from fsct.config import PredictConfig
+from fsct.data.superpixels import body_mask, superpixels
+
+MAX_ID = 255
+
+
+def components(regions: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of equal non-zero values of an integer map: int32 (H,W) 1..n (0 stays 0)."""
+    h, w = regions.shape
+    flat = regions.ravel()
+    idx = np.arange(h * w).reshape(h, w)
+    src, dst = [], []
+    for a, b, va, vb in ((idx[:, :-1], idx[:, 1:], regions[:, :-1], regions[:, 1:]),
+                         (idx[:-1], idx[1:], regions[:-1], regions[1:])):
+        same = (va == vb) & (va != 0)
+        src.append(a[same])
+        dst.append(b[same])
+    s, d = np.concatenate(src), np.concatenate(dst)
+    graph = sparse.coo_matrix((np.ones(len(s), np.int8), (s, d)), shape=(h * w, h * w))
+    _, comp = csgraph.connected_components(graph, directed=False)
+    comp = np.where(flat != 0, comp, -1)
+    _, inverse = np.unique(comp, return_inverse=True)
+    out = inverse.reshape(h, w).astype(np.int32)
+    if not (flat == 0).any():
+        out += 1  # otherwise the background's -1 sorts first and is already 0
+    return out, int(out.max())
+
+
+def _neighbour_counts(regions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, count) for every ordered pair of different adjacent region ids (4-neighbours)."""
+    pairs = []
+    for x, y in ((regions[:, :-1], regions[:, 1:]), (regions[:-1], regions[1:])):
+        diff = x != y
+        pairs.append(np.stack([x[diff], y[diff]], 1))
+        pairs.append(np.stack([y[diff], x[diff]], 1))
+    p = np.concatenate(pairs).astype(np.int64)
+    if len(p) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    uniq, counts = np.unique(p, axis=0, return_counts=True)
+    return uniq[:, 0], uniq[:, 1], counts
+
+
+def merge_small(regions: np.ndarray, min_size: int) -> np.ndarray:
+    """Regions (ids >= 1; 0 = background, a region too) under `min_size` pixels join the neighbour they
+    share the longest border with (background included: a speck at an organ's edge goes where it touches
+    most). Repeats until no small region with a neighbour is left."""
+    regions = regions.copy()
+    for _ in range(8):
+        n = int(regions.max()) + 1
+        sizes = np.bincount(regions.ravel(), minlength=n)
+        small = (sizes < min_size) & (sizes > 0)
+        small[0] = False
+        if not small.any():
+            break
+        a, b, c = _neighbour_counts(regions)
+        sel = small[a]
+        if not sel.any():
+            break
+        a, b, c = a[sel], b[sel], c[sel]
+        # Prefer big neighbours: a small one absorbing another would leave a small region again.
+        c = c + (~small[b]) * (1 << 40)
+        order = np.lexsort((-c, a))
+        a, b = a[order], b[order]
+        first = np.r_[True, a[1:] != a[:-1]]
+        lut = np.arange(n)
+        lut[a[first]] = b[first]
+        # A pair of small regions that chose each other: the larger id absorbs the smaller.
+        mutual = lut[lut] == np.arange(n)
+        mutual &= lut != np.arange(n)
+        lut[mutual & (np.arange(n) > lut)] = np.arange(n)[mutual & (np.arange(n) > lut)]
+        for _ in range(16):  # chains a -> b -> c resolve to c
+            nxt = lut[lut]
+            if np.array_equal(nxt, lut):
+                break
+            lut = nxt
+        regions = lut[regions]
+    return regions
+
+
+def _cap(regions: np.ndarray, limit: int) -> np.ndarray:
+    """At most `limit` non-zero regions: raise the merge floor until the smallest ones are gone."""
+    for _ in range(16):
+        sizes = np.bincount(regions.ravel())[1:]
+        sizes = np.sort(sizes[sizes > 0])
+        if len(sizes) <= limit:
+            break
+        regions = merge_small(regions, int(sizes[len(sizes) - limit - 1]) + 1)
+    return regions
+
+
+def explained(logits: torch.Tensor, threshold: float) -> np.ndarray:
+    """Pixels a prototype (background included) claims with softmax probability >= threshold."""
+    prob = torch.softmax(logits.float(), 0).amax(0)
+    return (prob >= threshold).cpu().numpy()
+
+
+def partition_slice(labels: np.ndarray, logits: torch.Tensor, feats: torch.Tensor, image: np.ndarray,
+                    class_ids: np.ndarray, cfg: PredictConfig) -> np.ndarray:
+    """Argmax ids (512,512) uint8 + logits (K+1,512,512) -> a partition (512,512) uint8, 0 outside the
+    body (and, except in `group`, on confidently predicted background). `feats` (C,h,w) is used by
+    `group` with `glue_cosine` > 0 only."""
+    del class_ids  # ids come from `labels`
+    labels = np.asarray(labels)
+    body = body_mask(image)
+    known = explained(logits, cfg.unexplained_threshold) if cfg.unexplained_threshold > 0 \
+        else np.ones(labels.shape, bool)
+    fg_known = known & (labels != 0)
+    unexplained = body & ~known
+    split = cfg.partition_split
+    # `code`: one integer per (source, value), its connected pieces are the regions; `key`: the class id
+    # a region may keep (<= 255) or "new id" (> 255).
+    key = np.where(fg_known, labels.astype(np.int64), 0)
+    if split == "superpixels":
+        sp = superpixels(image, scale=cfg.sp_scale).astype(np.int64)
+        key = np.where(unexplained, 256 + sp, key)
+        key = np.where(unexplained & (sp == 0), 256 + 256, key)  # body pixels outside any segment
+        code = key
+    elif split == "components":
+        key = code = np.where(unexplained, 256, key)
+    elif split == "group":
+        # Superpixels are the units; the prototypes only glue together adjacent superpixels that they
+        # confidently (mean probability >= threshold) give one foreground class.
+        sp = superpixels(image, scale=cfg.sp_scale).astype(np.int64)
+        sp = np.where(body & (sp == 0), 256, sp)
+        prob = torch.softmax(logits.float(), 0).amax(0).cpu().numpy()
+        n_sp = int(sp.max()) + 1
+        conf = np.bincount(sp.ravel(), prob.ravel(), n_sp) / np.maximum(np.bincount(sp.ravel(), minlength=n_sp), 1)
+        votes = np.zeros((n_sp, 256), np.int64)
+        np.add.at(votes, (sp.ravel(), labels.ravel()), 1)
+        major = votes.argmax(1)
+        glued = (conf >= cfg.unexplained_threshold) & (major != 0)
+        unit = _glue_by_embedding(sp, feats, cfg.glue_cosine) if cfg.glue_cosine > 0 else np.arange(n_sp)
+        key = np.where(sp > 0, np.where(glued[sp], major[sp], 256 + unit[sp]), 0)
+        code = key
+    else:
+        raise ValueError(f"predict.partition_split={split!r} is not group, superpixels or components")
+    regions, n = components(code)
+    if n == 0:
+        return np.zeros(labels.shape, np.uint8)
+    regions = merge_small(regions, cfg.min_region)
+    # Each class id is kept by one region at most; every other region needs an id the prediction lacks.
+    n_free = MAX_ID - int((np.unique(labels) != 0).sum())
+    n_classes = len(np.unique(key[(key > 0) & (key <= MAX_ID)]))
+    regions = _cap(regions, min(MAX_ID, n_free + n_classes))
+    return _assign_ids(regions, key, labels)
+
+
+def _glue_by_embedding(sp: np.ndarray, feats: torch.Tensor, threshold: float) -> np.ndarray:
+    """Superpixel -> unit: adjacent superpixels whose mean embeddings have cosine >= threshold are one unit
+    (connected components of that graph: the episodes trained features to tell a slice's structures
+    apart, so similar neighbours are taken as one structure cut by an intensity edge)."""
+    n_sp = int(sp.max()) + 1
+    f = torch.nn.functional.interpolate(feats.float()[None], size=(128, 128), mode="bilinear",
+                                        align_corners=False)[0].flatten(1).cpu().numpy()  # (C, 128*128)
+    step = sp.shape[0] // 128
+    small = sp[step // 2::step, step // 2::step].ravel()
+    counts = np.bincount(small, minlength=n_sp)
+    means = np.stack([np.bincount(small, c, n_sp) for c in f], 1) / np.maximum(counts, 1)[:, None]
+    means /= np.linalg.norm(means, axis=1, keepdims=True) + 1e-8
+    a, b, _ = _neighbour_counts(sp)
+    ok = (a > 0) & (b > 0) & (counts[a] > 0) & (counts[b] > 0)
+    a, b = a[ok], b[ok]
+    similar = (means[a] * means[b]).sum(1) >= threshold
+    graph = sparse.coo_matrix((np.ones(int(similar.sum()), np.int8), (a[similar], b[similar])), shape=(n_sp, n_sp))
+    return csgraph.connected_components(graph, directed=False)[1]
+
+
+def _assign_ids(regions: np.ndarray, key: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Region -> output id: the largest blob of a recognised class keeps the class id; every other region
+    takes the smallest id in 1..255 that the prediction does not use."""
+    n = int(regions.max()) + 1
+    sizes = np.bincount(regions.ravel(), minlength=n)
+    # The key a region mostly carries (after merging, a region may hold a few pixels of others).
+    flat_r, flat_k = regions.ravel(), key.ravel()
+    sel = flat_r > 0
+    pair, cnt = np.unique(np.stack([flat_r[sel], flat_k[sel]], 1), axis=0, return_counts=True)
+    order = np.lexsort((-cnt, pair[:, 0]))
+    pair = pair[order]
+    first = np.r_[True, pair[1:, 0] != pair[:-1, 0]]
+    region_key = np.zeros(n, np.int64)
+    region_key[pair[first, 0]] = pair[first, 1]
+    lut = np.zeros(n, np.int64)
+    taken = np.zeros(MAX_ID + 1, bool)
+    taken[np.unique(labels)] = True
+    claimed: set[int] = set()
+    for r in np.argsort(-sizes):  # biggest first: the main blob of a class keeps its id
+        if r == 0 or sizes[r] == 0:
+            continue
+        k = int(region_key[r])
+        if 0 < k <= MAX_ID and k not in claimed:
+            lut[r] = k
+            claimed.add(k)
+    fresh = iter(np.flatnonzero(~taken[1:]) + 1)
+    for r in range(1, n):
+        if sizes[r] > 0 and lut[r] == 0:
+            nxt = next(fresh, None)
+            if nxt is None:  # more regions than free ids: the rest join the background
+                break
+            lut[r] = nxt
+    return lut[regions].astype(np.uint8)
