@@ -97,8 +97,8 @@ def test_mix_trains_end_to_end(pools, tmp_path: Path):
     validation on true masks (val/ari_fg)."""
     from PIL import Image
 
+    from fsct.data.challenge import write_labels
     from fsct.data.shards import shard_dataset
-    from fsct.data.synth import write_label_csv
     from fsct.train import train
 
     pool, sp_pool = pools
@@ -108,7 +108,7 @@ def test_mix_trains_end_to_end(pools, tmp_path: Path):
     for name, img in zip(names, np.concatenate([pool.images, sp_pool.images]), strict=True):
         Image.fromarray(img).save(src / name)
     empty = np.zeros((len(sp_pool), SIZE, SIZE), np.uint8)
-    write_label_csv(tmp_path / "Y_train.csv", np.concatenate([pool.masks, empty]), names)
+    write_labels(tmp_path / "Y_train.csv", np.concatenate([pool.masks, empty]), names)
     shards = tmp_path / "shards"
     shard_dataset(src, tmp_path / "Y_train.csv", shards, val_fraction=0.34, superpixels=True, workers=1,
                   progress=False)

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fsct.data.challenge import read_image, read_labels
+from fsct.data.challenge import read_image, read_labels, write_labels
 from fsct.data.shards import load_split, shard_dataset
 from fsct.data.superpixels import body_mask, felzenszwalb, superpixels
-from fsct.data.synth import write_label_csv
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -73,7 +72,7 @@ def test_superpixels_stored_in_shards_and_read_back(real, realct_dir: Path, tmp_
     keys = SLICES + UNLABELLED
     for i in keys:
         shutil.copyfile(realct_dir / "X_train" / "images" / f"{i}.png", src / f"{i}.png")
-    write_label_csv(tmp_path / "Y_train.csv", np.stack([real["masks"][i] for i in keys]), [f"{i}.png" for i in keys])
+    write_labels(tmp_path / "Y_train.csv", np.stack([real["masks"][i] for i in keys]), [f"{i}.png" for i in keys])
     out = tmp_path / "shards"
     shard_dataset(src, tmp_path / "Y_train.csv", out, val_fraction=0, superpixels=True, workers=1, progress=False)
     for split, ids in (("train", SLICES), ("unlabeled", UNLABELLED)):

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fsct.data.challenge import list_images, read_labels
-from fsct.data.synth import write_label_csv
+from fsct.data.challenge import list_images, read_labels, write_labels
 
 FSCT = [sys.executable, "-m", "fsct"]
 SYSTEMS = {
@@ -72,12 +71,12 @@ def make_realct(src: Path, out: Path, n_train: int, renumber_train: bool, seed: 
         m = by_name.get(p.name, np.zeros((512, 512), np.uint8))
         train_masks.append(renumber(m, rng, n_ids) if renumber_train and m.any() else m)
         train_cols.append(p.name)
-    write_label_csv(out / "Y_train.csv", np.stack(train_masks), train_cols)
+    write_labels(out / "Y_train.csv", np.stack(train_masks), train_cols)
     test_masks = []
     for i, p in enumerate(test):
         shutil.copyfile(p, out / "X_test" / "images" / f"{i}.png")
         test_masks.append(renumber(by_name[p.name], rng, n_ids))
-    write_label_csv(out / "Y_test.csv", np.stack(test_masks), [f"{i}.png" for i in range(len(test))])
+    write_labels(out / "Y_test.csv", np.stack(test_masks), [f"{i}.png" for i in range(len(test))])
     (out / "README.md").write_text(
         f"Built by tools/compare_modes.py from {src}: train = {[p.name for p in train]} (labelled"
         f"{', ids renumbered per slice' if renumber_train else ', original ids'}) + {len(unlabelled)} unlabelled; "

@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from io import BytesIO
@@ -25,6 +24,7 @@ from PIL import Image
 from scipy import ndimage
 
 from fsct.atomic import atomic_dir, atomic_file
+from fsct.data.challenge import write_labels
 from fsct.errors import FsctError
 from fsct.progress import track
 from fsct.viz import grid, overlay
@@ -568,43 +568,6 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _value_table() -> tuple[np.ndarray, np.ndarray]:
-    table = np.zeros((256, 4), np.uint8)
-    lens = np.zeros(256, np.int64)
-    for v in range(256):
-        s = f",{v}".encode()
-        table[v, : len(s)] = np.frombuffer(s, np.uint8)
-        lens[v] = len(s)
-    return table, lens
-
-
-def _csv_chunks(masks: np.ndarray, rows_per_chunk: int = 4096) -> Iterator[bytes]:
-    """Rows `Pixel r,v0,v1,...` built as one byte array per chunk (pandas' writer is ~50x slower)."""
-    table, lens = _value_table()
-    n, npix = masks.shape
-    pos = np.arange(4)
-    for r0 in range(0, npix, rows_per_chunk):
-        r1 = min(npix, r0 + rows_per_chunk)
-        vals = np.ascontiguousarray(masks[:, r0:r1].T)  # (rows, n)
-        prefix = np.array([f"Pixel {r}".encode() for r in range(r0, r1)], dtype="S12")
-        pre = prefix.view(np.uint8).reshape(r1 - r0, 12)
-        body = table[vals].reshape(r1 - r0, n * 4)
-        keep = (pos < lens[vals][..., None]).reshape(r1 - r0, n * 4)
-        nl = np.full((r1 - r0, 1), ord("\n"), np.uint8)
-        rows = np.concatenate([pre, body, nl], axis=1)
-        ok = np.concatenate([pre != 0, keep, np.ones_like(nl, bool)], axis=1)
-        yield rows[ok].tobytes()
-
-
-def write_label_csv(path: Path, masks: np.ndarray, columns: list[str]) -> None:
-    """Challenge layout: header `,<col>...`, index `Pixel 0..`, one integer column per mask (n, H, W)."""
-    masks = np.asarray(masks, np.uint8).reshape(len(columns), -1)
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        f.write(("," + ",".join(columns) + "\n").encode())
-        for chunk in _csv_chunks(masks):
-            f.write(chunk)
-
-
 def contact_sheet(images: list[np.ndarray], masks: list[np.ndarray], titles: list[str], tile: int = 256
                   ) -> Image.Image:
     """Two slices per row, each as [image | mask overlaid in colour]."""
@@ -654,7 +617,7 @@ def write_synth(out: Path | str, settings: SynthSettings, overwrite: bool = Fals
                                  "classes": classes})
                     if split == "test" and len(sheet_imgs) < 64:
                         sheet_imgs.append((level, np.asarray(Image.open(BytesIO(png))), mask, f"test {i}"))
-                write_label_csv(tmp / f"Y_{split}.csv", masks, [f"{i}.png" for i in range(n)])
+                write_labels(tmp / f"Y_{split}.csv", masks, [f"{i}.png" for i in range(n)])
                 slices[split] = meta
         finally:
             if pool:
