@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from fsct.data import challenge
 from fsct.data.challenge import N_PIXELS, column_to_image, list_images, read_image, read_labels, write_labels
 from fsct.errors import FsctError
 
@@ -150,6 +151,8 @@ BAD_LABELS = {
     "truncated_rows": (lambda p: _cut(p, b"Pixel 262000,", 0), "262000 rows, expected 262144"),
     "truncated_mid_row": (lambda p: _cut(p, b"Pixel 262000,", 14), "fields, expected 3"),
     "float": (lambda p: _bad_value(p, b"1.5"), "line 70002, column '1.png': label '1.5' is not an integer"),
+    "float_late": (lambda p: _edit(p, b"\nPixel 200000,0,0\n", b"\nPixel 200000,0,2.5\n"),
+                   "line 200002, column '1.png': label '2.5' is not an integer"),
     "text": (lambda p: _bad_value(p, b"abc"), "label 'abc' is not an integer"),
     "too_big": (lambda p: _bad_value(p, b"300"), "label 300 is outside 0..255"),
     "negative": (lambda p: _bad_value(p, b"-1"), "label -1 is outside 0..255"),
@@ -163,8 +166,26 @@ BAD_LABELS = {
 }
 
 
+@pytest.fixture(params=["one stream", "byte ranges on threads"])
+def parse_path(request, monkeypatch):
+    """Both ways of parsing a plain .csv: small files are one stream, large ones byte ranges on threads."""
+    if request.param != "one stream":
+        monkeypatch.setattr(challenge, "_MIN_RANGE_BYTES", 1 << 16)
+        monkeypatch.setattr(challenge.os, "cpu_count", lambda: 3)
+    return request.param
+
+
+def test_byte_ranges_give_the_same_masks(tmp_path, realct_dir, parse_path):
+    path, masks = _labels(tmp_path)
+    assert len(challenge._line_ranges(path)) == (1 if parse_path == "one stream" else 3)
+    assert np.array_equal(read_labels(path)[1], masks)
+    _, real = read_labels(realct_dir / "Y_train.csv")
+    frame = pd.read_csv(realct_dir / "Y_train.csv", index_col=0)
+    assert np.array_equal(real.reshape(len(real), -1), frame.to_numpy().T)
+
+
 @pytest.mark.parametrize("case", sorted(BAD_LABELS))
-def test_read_labels_rejects(tmp_path, case):
+def test_read_labels_rejects(tmp_path, case, parse_path):
     path, _ = _labels(tmp_path)
     spoil, message = BAD_LABELS[case]
     spoil(path)

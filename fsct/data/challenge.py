@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ N_PIXELS = SIZE * SIZE
 # cost ~800 MB of RSS on top of the masks, 4 MB blocks ~200 MB).
 _BLOCK_ROWS = 1024
 _INT_STEM = re.compile(r"^[0-9]+$")
+_MIN_RANGE_BYTES = 32 << 20  # a file is parsed on several threads only in ranges at least this large
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -116,11 +119,12 @@ def read_label_csv(path: Path, image_names: list[str] | None = None,
     return columns, flat.reshape(n, SIZE, SIZE), index_name
 
 
-def _csv_options(n: int) -> tuple[pacsv.ReadOptions, pacsv.ConvertOptions]:
+def _csv_options(n: int, skip_header: bool = True) -> tuple[pacsv.ReadOptions, pacsv.ConvertOptions]:
     names = ["index"] + [f"c{i}" for i in range(n)]
     types = {name: pa.uint8() for name in names[1:]}  # anything but an integer in 0..255 fails to parse
     types["index"] = pa.string()
-    read = pacsv.ReadOptions(skip_rows=1, column_names=names, block_size=_block_bytes(n), use_threads=True)
+    read = pacsv.ReadOptions(skip_rows=int(skip_header), column_names=names, block_size=_block_bytes(n),
+                             use_threads=True)
     convert = pacsv.ConvertOptions(column_types=types, null_values=[], strings_can_be_null=False,
                                    quoted_strings_can_be_null=False)
     return read, convert
@@ -133,12 +137,34 @@ def _store(batch: pa.RecordBatch, flat: np.ndarray, row: int) -> None:
 
 
 def _read_rows(path: Path, columns: list[str], flat: np.ndarray, strict_index: bool) -> None:
-    """One pyarrow stream (.gz too), block after block into `flat`; its errors name the line.
-    (Byte ranges parsed on threads of their own were tried: on 2 busy cores, 25 % more CPU, no faster.)"""
-    read, convert = _csv_options(len(columns))
-    row = 0
+    """Every pixel row into `flat`. A plain .csv of some size is cut at line ends into one byte range per
+    core, parsed on threads (pyarrow releases the GIL: 2 cores read the 1.1 GB file in half the time);
+    a .gz file is one stream."""
+    ranges = _line_ranges(path)
+    if len(ranges) == 1:
+        rows = _read_stream(path, path, columns, flat, strict_index, start_row=0)
+    else:
+        with ThreadPoolExecutor(len(ranges)) as pool:
+            counts = list(pool.map(lambda r: _count_lines(path, *r), ranges))
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+            if sum(counts) > N_PIXELS:
+                raise FsctError(f"{path}: more than {N_PIXELS} rows (one per pixel of a 512x512 slice)")
+            jobs = [pool.submit(_read_stream, path, _ByteRange(path, a, b), columns, flat, strict_index, start)
+                    for (a, b), start in zip(ranges, starts, strict=True)]
+            rows = sum(j.result() for j in jobs)
+    if rows != N_PIXELS:
+        raise FsctError(f"{path}: {rows} rows, expected {N_PIXELS} (one per pixel; truncated file?)")
+
+
+def _read_stream(path: Path, source: Path | io.RawIOBase, columns: list[str], flat: np.ndarray,
+                 strict_index: bool, start_row: int) -> int:
+    """One pyarrow stream (the whole file, header skipped, or a byte range of rows), block after block
+    into `flat` from `start_row`; its errors name the file's line."""
+    read, convert = _csv_options(len(columns), skip_header=isinstance(source, Path))
+    row = start_row
+    stream = source if isinstance(source, Path) else pa.PythonFile(source, mode="r")
     try:
-        for batch in pacsv.open_csv(path, read_options=read, convert_options=convert):
+        for batch in pacsv.open_csv(stream, read_options=read, convert_options=convert):
             m = batch.num_rows
             if m == 0:
                 continue
@@ -148,11 +174,69 @@ def _read_rows(path: Path, columns: list[str], flat: np.ndarray, strict_index: b
             _store(batch, flat, row)
             row += m
     except pa.ArrowInvalid as e:
-        raise FsctError(f"{path}: {_explain_arrow(str(e), columns)}") from e
+        # pyarrow numbers rows from 1 in its own stream: the file's line in the whole stream (header
+        # included), the range's row otherwise
+        offset = 0 if isinstance(source, Path) else start_row + 1
+        raise FsctError(f"{path}: {_explain_arrow(str(e), columns, line_offset=offset)}") from e
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise FsctError(f"{path}: cannot read ({_one_line(e)})") from e
-    if row != N_PIXELS:
-        raise FsctError(f"{path}: {row} rows, expected {N_PIXELS} (one per pixel; truncated file?)")
+    return row - start_row
+
+
+def _line_ranges(path: Path) -> list[tuple[int, int]]:
+    """Byte ranges of the rows after the header, cut at line ends: one per core, at least 32 MB each."""
+    size = path.stat().st_size
+    parts = min(os.cpu_count() or 1, size // _MIN_RANGE_BYTES)
+    if path.name.endswith(".gz") or parts < 2:
+        return [(0, size)]
+    with open(path, "rb") as f:
+        f.readline()
+        cuts = [f.tell()]
+        for i in range(1, parts):
+            f.seek(cuts[0] + (size - cuts[0]) * i // parts)
+            f.readline()
+            cuts.append(max(f.tell(), cuts[-1]))
+    cuts.append(size)
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def _count_lines(path: Path, start: int, end: int) -> int:
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            chunk = f.read(min(left, 16 << 20))
+            if not chunk:
+                break
+            n += chunk.count(b"\n")
+            left -= len(chunk)
+            last = chunk[-1:]
+    return n + (last != b"\n")  # a last line without its newline still counts
+
+
+class _ByteRange(io.RawIOBase):
+    """[start, end) of a file as a stream, for one parsing thread."""
+
+    def __init__(self, path: Path, start: int, end: int):
+        self._f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed with the stream)
+        self._f.seek(start)
+        self._left = end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self._left)
+        if n <= 0:
+            return 0
+        got = self._f.readinto(memoryview(b)[:n]) or 0
+        self._left -= got
+        return got
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def _block_bytes(n_columns: int) -> int:
@@ -219,7 +303,7 @@ def _check_index(path: Path, index: pa.Array, start: int, strict: bool) -> None:
                     "(missing index column?)")
 
 
-def _explain_arrow(msg: str, columns: list[str]) -> str:
+def _explain_arrow(msg: str, columns: list[str], line_offset: int = 0) -> str:
     """Arrow's parse errors, reworded to name the column and the problem on one line."""
     conv = re.search(r"CSV column #(\d+): (?:Row #(\d+): )?CSV conversion error to \w+: invalid value '(.*)'",
                      msg, re.S)
@@ -228,7 +312,7 @@ def _explain_arrow(msg: str, columns: list[str]) -> str:
         value = conv.group(3)[:40]
         where = f"column '{columns[col - 1]}'" if 1 <= col <= len(columns) else "index column"
         if conv.group(2):
-            where = f"line {conv.group(2)}, {where}"
+            where = f"line {int(conv.group(2)) + line_offset}, {where}"
         if re.fullmatch(r"\s*[-+]?[0-9]+\s*", value):
             return f"{where}: label {value.strip()} is outside 0..255"
         if value == "":
