@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +129,7 @@ def predict_batch(model: PANet, protos: Prototypes, images: torch.Tensor, cfg: P
 @dataclass
 class Queries:
     keys: list[str]
-    load: callable  # list of keys -> uint8 (B,512,512)
+    load: Callable[[list[str]], np.ndarray]  # keys -> uint8 (B,512,512)
 
 
 def query_source(images: Path, split: str, rank: int, world: int) -> Queries:

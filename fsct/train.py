@@ -198,8 +198,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
                                  f"{state.bad_validations} validations (best {state.best:.4f} at {state.best_step})")
                 break
 
-        preempt = acc.reduce(torch.tensor([float(stop.local(acc.is_main_process))], device=dev), "max")
-        if preempt.item() > 0:
+        if _stop_requested(acc, stop):
             _checkpoint(acc, out, state, cfg)
             if acc.is_main_process:
                 (out / "PREEMPT").unlink(missing_ok=True)
@@ -228,6 +227,15 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
                      if state.best_step >= 0 else ""), flush=True)
     acc.end_training()
     return state
+
+
+def _stop_requested(acc, stop: StopFlag) -> bool:
+    """All ranks agree (max over ranks), so they checkpoint at the same step. A single process skips the
+    collective: its .item() would make the host wait for the GPU every step."""
+    local = stop.local(acc.is_main_process)
+    if acc.num_processes == 1:
+        return local
+    return acc.reduce(torch.tensor([float(local)], device=acc.device), "max").item() > 0
 
 
 def _append_metrics(acc, out: Path, step: int, values: dict[str, float]) -> None:
