@@ -3,7 +3,7 @@
 train, in one process on one device (cuda when there is one, else cpu):
   model_only   fsct's train step on synthetic tensors, with the config's settings (autocast precision,
                channels_last, torch.compile, fused AdamW, episodes_per_step episodes per forward)
-  end_to_end   the same step fed by the trainer's own batches (`fsct.train._batches`: episode sampler,
+  end_to_end   the same step fed by the trainer's own batches (`fsct.train.episode_batches`: episode sampler,
                device-side pool, augmentation on the device) from shards
   seed         the seed notebook's model-only step (tools/seed_baseline.py `cmd_bench`): one episode of the
                same shape per step, fp32, Adam
@@ -338,20 +338,20 @@ def bench_model_only(cfg: Config, dev: torch.device, warmup: int, steps: int, na
 
 def bench_end_to_end(cfg: Config, dev: torch.device, warmup: int, steps: int, shards: Path,
                      model: nn.Module, opt: torch.optim.Optimizer, flops: float | None) -> Timing:
-    """The trainer's data path (`_batches`) feeding the same step; pool loading is reported, not timed."""
+    """The trainer's data path (`episode_batches`) feeding the same step; pool loading is reported, not timed."""
     from fsct.data.episodes import EpisodeSampler
     from fsct.data.shards import load_split
-    from fsct.train import _batches, _superpixel_pool
+    from fsct.train import episode_batches, superpixel_pool
 
     cfg = replace(cfg, data=replace(cfg.data, shards=str(shards)),
                   train=replace(cfg.train, max_steps=warmup + steps))
     t0 = time.perf_counter()
     pool = load_split(shards, cfg.data.train_split, size=cfg.data.image_size)
     modes = set(cfg.episodes.mix or {cfg.episodes.mode: 1})
-    sp_pool = _superpixel_pool(cfg, shards, 0, 1) if "superpixel" in modes else None
+    sp_pool = superpixel_pool(cfg, shards, 0, 1) if "superpixel" in modes else None
     load_s = time.perf_counter() - t0
     sampler = EpisodeSampler(pool, cfg.episodes, cfg.train.seed, 0, superpixel_pool=sp_pool)
-    batches: Iterator = _batches(cfg, sampler, pool, sp_pool, 0, dev)
+    batches: Iterator = episode_batches(cfg, sampler, pool, sp_pool, 0, dev)
     step = train_step_fn(model, opt, cfg, dev)
     slices: list[int] = []  # per micro-batch: a mix of episode modes draws episodes of different sizes
 

@@ -15,6 +15,7 @@ import math
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from fsct.config import Config, load_config, save_config, to_dict
-from fsct.data.episodes import EpisodeSampler, EpisodeStream, PoolTensors, make_batch, step_generator
+from fsct.data.episodes import Batch, Episode, EpisodeSampler, EpisodeStream, PoolTensors, make_batch, step_generator
 from fsct.data.shards import Pool, load_split, rank_subset, read_index
 from fsct.errors import FsctError
 from fsct.metrics import episode_miou, official_score_slice
@@ -117,7 +118,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
     names, keys = rank_subset(shards, cfg.data.train_split, rank, world)
     modes = set(cfg.episodes.mix or {cfg.episodes.mode: 1})
     pool = load_split(shards, cfg.data.train_split, names, cfg.data.image_size, keys)
-    sp_pool = _superpixel_pool(cfg, shards, rank, world) if "superpixel" in modes else None
+    sp_pool = superpixel_pool(cfg, shards, rank, world) if "superpixel" in modes else None
     sampler = EpisodeSampler(pool, cfg.episodes, cfg.train.seed, rank, superpixel_pool=sp_pool)
     val = _val_setup(cfg, shards)
 
@@ -141,7 +142,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
             "name": t.run_name or out.name, "entity": t.entity, "tags": t.tags, "id": state.wandb_id,
             "resume": "allow", "dir": str(out)}})
 
-    batches = _batches(cfg, sampler, pool, sp_pool, state.step, dev)
+    batches = episode_batches(cfg, sampler, pool, sp_pool, state.step, dev)
     drawn = hashlib.sha256()  # which slices this rank trained on, for the audit in rank{r}.json
     progress = _Progress(cfg, acc.is_main_process, state.step)
     log_t, log_eps = time.perf_counter(), 0
@@ -254,14 +255,15 @@ def _wandb_id(out: Path) -> str:
     return run_id
 
 
-def _superpixel_pool(cfg: Config, shards: Path, rank: int, world: int) -> Pool:
+def superpixel_pool(cfg: Config, shards: Path, rank: int, world: int) -> Pool:
+    """This rank's share of the unlabelled split, whose superpixel maps feed superpixel episodes."""
     split = cfg.data.unlabeled_split
     names, keys = rank_subset(shards, split, rank, world)
     return load_split(shards, split, names, cfg.data.image_size, keys)
 
 
-def _batches(cfg: Config, sampler: EpisodeSampler, pool: Pool, sp_pool: Pool | None, start: int,
-             dev: torch.device):
+def episode_batches(cfg: Config, sampler: EpisodeSampler, pool: Pool, sp_pool: Pool | None, start: int,
+                    dev: torch.device) -> Iterator[tuple[list[Episode], Batch]]:
     """(episodes, batch) for micro-steps from start * grad_accum on, batch on `dev`: built on the device
     from a device-side pool (the fast path), or on the CPU by DataLoader workers."""
     first, stop = start * cfg.optim.grad_accum, cfg.train.max_steps * cfg.optim.grad_accum

@@ -16,7 +16,7 @@ import torch
 from fsct.config import load_config
 from fsct.data.episodes import EpisodeSampler, EpisodeStream
 from fsct.data.shards import load_split, rank_subset
-from fsct.train import _batches
+from fsct.train import episode_batches
 from tests.conftest import REPO, fsct_env
 
 TINY = ["data.image_size=64", "model.feature_dim=32", "episodes.n_way=2", "episodes.k_shot=1",
@@ -163,8 +163,8 @@ def test_stream_resumes_exactly_and_workers_do_not_duplicate(shards: Path, tmp_p
     pool = load_split(shards, "train", size=64)
     sampler = EpisodeSampler(pool, cfg.episodes, cfg.train.seed, rank=0)
     cpu = torch.device("cpu")
-    full = list(_batches(cfg, sampler, pool, None, 0, cpu))
-    resumed = list(_batches(cfg, sampler, pool, None, 5, cpu))
+    full = list(episode_batches(cfg, sampler, pool, None, 0, cpu))
+    resumed = list(episode_batches(cfg, sampler, pool, None, 5, cpu))
     assert len(full) == 8 and len(resumed) == 3
     for (ea, a), (eb, b) in zip(full[5:], resumed, strict=True):
         assert [e.support.tolist() for e in ea] == [e.support.tolist() for e in eb]
