@@ -238,12 +238,6 @@ def autocast(dev: torch.device, dtype: torch.dtype | None) -> contextlib.Abstrac
     return contextlib.nullcontext() if dtype is None else torch.autocast(dev.type, dtype=dtype)
 
 
-def make_optimizer(model: nn.Module, cfg: Config, dev: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optim
-    return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
-                             fused=o.fused and dev.type == "cuda")
-
-
 def train_step_fn(model: nn.Module, opt: torch.optim.Optimizer, cfg: Config,
                   dev: torch.device) -> Callable[[Callable[[], Any], int], None]:
     """`step(next_batch, step_index)`: what `fsct train` does per optimizer step without Accelerate's
@@ -326,6 +320,8 @@ def bench_model_only(cfg: Config, dev: torch.device, warmup: int, steps: int, na
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(dev).train()
+    from fsct.train import make_optimizer
+
     opt = make_optimizer(model, cfg, dev)
     step = train_step_fn(model, opt, cfg, dev)
     batch = synthetic_batch(cfg, dev)

@@ -68,6 +68,13 @@ def lr_at(step: int, cfg: Config) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def make_optimizer(model: nn.Module, cfg: Config, dev: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused where the device supports it (one kernel for all parameters)."""
+    o = cfg.optim
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
+                             fused=o.fused and dev.type == "cuda")
+
+
 def resolve_precision(cfg: Config) -> str:
     mp = cfg.train.mixed_precision
     if mp == "auto":
@@ -123,8 +130,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
     val = _val_setup(cfg, shards)
 
     model = build_model(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused and dev.type == "cuda")
+    opt = make_optimizer(model, cfg, dev)
     # the loss is computed inside forward (q_lbl given), so DDP's gradient hooks see it all
     step_fn, opt = acc.prepare(model, opt)
 

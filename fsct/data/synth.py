@@ -290,19 +290,7 @@ def _draw(c: _Canvas, lesion_prob: float) -> None:
                           side * 0.15, wob=0.1)
             if got is None:
                 continue
-            sl, t = got
-            region = c.lab[sl] == _id(name)
-            for _ in range(int(rng.integers(10, 25))):
-                ys, xs = np.nonzero(region)
-                if len(ys) == 0:
-                    break
-                j = int(rng.integers(len(ys)))
-                y, x = ys[j] + sl[0].start, xs[j] + sl[1].start
-                dot = c.shape(float(c.U[y, x]), float(c.V[y, x]), rng.uniform(0.008, 0.02),
-                              rng.uniform(0.008, 0.02), 0.0, 0.0, scaled=False)
-                if dot is not None:
-                    dsl, dt = dot
-                    c.paint(dsl, (dt < 1) & (c.lab[dsl] == _id(name)), -120, None)
+            _spots(c, name, got[0], int(rng.integers(10, 25)), 0.008, 0.02, -120)  # lung vessels
             if lesion_prob > 0 and keep(lesion_prob):
                 _lesion(c, name, "lung_nodule", 0.02, 0.05, 35)
         if 0.06 < z < 0.31 and keep(0.98):
@@ -330,18 +318,7 @@ def _draw(c: _Canvas, lesion_prob: float) -> None:
     if liver > 0:
         got = c.organ("liver", -0.5, -0.12, 0.42 + 0.22 * liver, 0.32 + 0.36 * liver, 62, -0.35, wob=0.1)
         if got is not None:
-            sl, t = got
-            for _ in range(int(rng.integers(3, 8))):
-                ys, xs = np.nonzero(c.lab[sl] == _id("liver"))
-                if len(ys) == 0:
-                    break
-                j = int(rng.integers(len(ys)))
-                y, x = ys[j] + sl[0].start, xs[j] + sl[1].start
-                dot = c.shape(float(c.U[y, x]), float(c.V[y, x]), rng.uniform(0.01, 0.025),
-                              rng.uniform(0.01, 0.025), 0.0, 0.0, scaled=False)
-                if dot is not None:
-                    dsl, dt = dot
-                    c.paint(dsl, (dt < 1) & (c.lab[dsl] == _id("liver")), 150, None)
+            _spots(c, "liver", got[0], int(rng.integers(3, 8)), 0.01, 0.025, 150)  # contrast-filled vessels
     spleen = _profile(z, 0.24, 0.5)
     if spleen > 0 and keep(0.97):
         c.organ("spleen", 0.74, 0.12, 0.12 + 0.08 * spleen, 0.16 + 0.16 * spleen, 52, 0.55, wob=0.1)
@@ -430,6 +407,22 @@ def _draw(c: _Canvas, lesion_prob: float) -> None:
                 c.bone(name, side * 0.66, 0.0, 0.125, 0.125, wob=0.02, cortex=0.8)
     if z < 0.62:
         _ribs(c, z)
+
+
+def _spots(c: _Canvas, name: str, sl: tuple[slice, slice], n: int, r0: float, r1: float, hu: float) -> None:
+    """n small round spots of intensity `hu` centred on random pixels of structure `name` (vessels in
+    lung and liver); they change the image only, not the labels."""
+    ys, xs = np.nonzero(c.lab[sl] == _id(name))
+    if len(ys) == 0:
+        return
+    for _ in range(n):
+        j = int(c.rng.integers(len(ys)))
+        y, x = ys[j] + sl[0].start, xs[j] + sl[1].start
+        dot = c.shape(float(c.U[y, x]), float(c.V[y, x]), c.rng.uniform(r0, r1), c.rng.uniform(r0, r1), 0.0, 0.0,
+                      scaled=False)
+        if dot is not None:
+            dsl, dt = dot
+            c.paint(dsl, (dt < 1) & (c.lab[dsl] == _id(name)), hu, None)
 
 
 def _inner(c: _Canvas, name: str, frac: float) -> tuple[tuple[slice, slice], np.ndarray]:
