@@ -254,7 +254,7 @@ def train_step_fn(model: nn.Module, opt: torch.optim.Optimizer, cfg: Config,
         for _ in range(accum):
             b = next_batch()
             with autocast(dev, dtype):
-                loss = model(b.s_img, b.s_lbl, b.q_img, b.n_way, q_lbl=b.q_lbl)["loss"] / accum
+                loss = model(b.s_img, b.s_lbl, b.q_img, b.n_way, q_lbl=b.q_lbl, raw=b.raw)["loss"] / accum
             (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(opt)
@@ -308,7 +308,7 @@ def fsct_step_flops(cfg: Config, dev: torch.device) -> float:
 
     def fwd_bwd() -> None:
         with autocast(dev, dtype):
-            loss = model(b.s_img, b.s_lbl, b.q_img, b.n_way, q_lbl=b.q_lbl)["loss"]
+            loss = model(b.s_img, b.s_lbl, b.q_img, b.n_way, q_lbl=b.q_lbl, raw=b.raw)["loss"]
         loss.backward()
 
     return count_flops(fwd_bwd)

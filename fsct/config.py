@@ -47,12 +47,18 @@ class AugmentConfig:
     gamma: float = 0.3  # intensity gamma in [1-gamma, 1+gamma]
     contrast: float = 0.15
     noise_std: float = 0.03
+    sharpness: float = 0.0  # blur (< 0) or sharpen (> 0) each slice by up to this amount (unsharp mask, sigma 1)
 
 
 @dataclass
 class ModelConfig:
     variant: str = "panet"  # panet | seed (the notebook's model exactly: no bg prototype, T=1, no PAR)
     feature_dim: int = 256
+    encoder: str = "resnet18"  # resnet18 | efficientnet_lite0 | timm/<name> (decoder unet only, except resnet18)
+    decoder: str = "none"  # none (stride-8 fused features, the notebook's PANet) | unet (stride-2 + boundary head)
+    decoder_dim: int = 64  # unet: channels of the top-down path
+    pretrained: str = ""  # weights file (.safetensors/.pth) or, for timm/ encoders, a hub name; "" = scratch
+    boundary_weight: float = 1.0  # unet: weight of the boundary head's loss (borders between label ids)
     scale: float = 20.0  # cosine similarity temperature (the paper's alpha)
     par_weight: float = 1.0  # prototype alignment regularisation weight
     channels_last: bool = False
@@ -85,6 +91,8 @@ class TrainConfig:
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
     save_every: int = 200
     keep_checkpoints: int = 2
+    val_slices: int = 8  # dense models: val slices partitioned and scored on the official metric (val/ari_fg)
+    tune_threshold: bool = True  # dense models: predict.boundary_threshold chosen on those slices, saved with the model
     image_every: int = 100  # W&B panel of query predictions every this many steps; 0 = never
     tracker: str = "none"  # none | wandb
     project: str = "fsct"
@@ -102,7 +110,8 @@ class PredictConfig:
     seed: int = 0
     unexplained_threshold: float = 0.5  # partition: best softmax probability under which a pixel is unexplained
     min_region: int = 64  # partition: regions smaller than this (pixels at 512x512) are merged
-    partition_split: str = "group"  # partition: group | superpixels | components (see fsct/partition.py)
+    partition_split: str = "group"  # partition: learned | group | superpixels | components (fsct/partition.py)
+    boundary_threshold: float = 0.5  # learned: cells with boundary probability under this seed regions
     sp_scale: float = 30.0  # partition: Felzenszwalb scale of those superpixels (larger: fewer, bigger)
     glue_cosine: float = 0.0  # partition group: glue neighbour superpixels with embedding cosine >= this (0 off)
 

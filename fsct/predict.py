@@ -23,6 +23,7 @@ from fsct.config import Config, PredictConfig, load_config
 from fsct.data.challenge import list_images, read_image
 from fsct.data.shards import Pool, key_order, load_split, rank_subset
 from fsct.errors import FsctError
+from fsct.malloc import keep_freed_memory
 from fsct.model.panet import PANet
 from fsct.progress import track
 from fsct.submission import write_submission
@@ -107,13 +108,17 @@ def _normalise(u8: torch.Tensor) -> torch.Tensor:
     return (u8.float() / 255.0 - 0.5) / 0.5
 
 
+def _input(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    return F.interpolate(_normalise(images).unsqueeze(1), size=(image_size, image_size), mode="bilinear",
+                         align_corners=False, antialias=True)
+
+
 @torch.no_grad()
 def predict_batch(model: PANet, protos: Prototypes, images: torch.Tensor, cfg: PredictConfig,
                   image_size: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """uint8 (B,512,512) -> label ids (B,512,512) uint8 by argmax over background + support classes, plus
     the upsampled logits and low-resolution features (what partition inference refines)."""
-    x = F.interpolate(_normalise(images).unsqueeze(1), size=(image_size, image_size), mode="bilinear",
-                      align_corners=False, antialias=True)
+    x = _input(images, image_size)
     feats = model.features(x).float()
     if cfg.tta_flip:
         feats = 0.5 * (feats + model.features(x.flip(-1)).float().flip(-1))
@@ -124,6 +129,29 @@ def predict_batch(model: PANet, protos: Prototypes, images: torch.Tensor, cfg: P
     ids = torch.cat([torch.zeros(1, dtype=torch.long), torch.from_numpy(protos.class_ids)]).to(up.device)
     labels = ids[up.argmax(1)]
     return labels.to(torch.uint8).cpu().numpy(), up, feats
+
+
+@torch.no_grad()
+def boundary_batch(model: PANet, images: torch.Tensor, tta_flip: bool, image_size: int) -> torch.Tensor:
+    """uint8 (B,H,W) slices -> the model's boundary probabilities (B,h,w) at its stride 2."""
+    x = _input(images, image_size)
+    prob = torch.sigmoid(model.dense(x)[1].float())
+    if tta_flip:
+        prob = 0.5 * (prob + torch.sigmoid(model.dense(x.flip(-1))[1].float()).flip(-1))
+    return prob
+
+
+def learned_masks(model: PANet, images: torch.Tensor, cfg: PredictConfig, image_size: int) -> np.ndarray:
+    """A partition of uint8 (B,512,512) slices drawn from the model's boundary map: `learned` (torch ops on
+    the model's device) or `boundary` (CPU superpixels merged where the model sees no border)."""
+    from fsct.partition import boundary_merge_slice, learned_partition
+
+    prob = boundary_batch(model, images, cfg.tta_flip, image_size)
+    if cfg.partition_split == "learned":
+        return learned_partition(prob, cfg, OUT_SIZE).cpu().numpy()
+    full = F.interpolate(prob[:, None], size=(OUT_SIZE, OUT_SIZE), mode="bilinear", align_corners=False)[:, 0]
+    imgs = images.cpu().numpy()
+    return np.stack([boundary_merge_slice(im, p, cfg) for im, p in zip(imgs, full.cpu().numpy(), strict=True)])
 
 
 @dataclass
@@ -171,19 +199,27 @@ def predict(checkpoint: Path, support: Path, images: Path, out: Path, support_sp
     if _part_done(part, queries.keys):
         acc.print(f"rank {rank}: {part} already complete, skipped", flush=True)
     else:
-        pool = load_split(support, support_split, size=cfg.data.image_size)
-        protos = support_prototypes(model, pool, pcfg, dev)
-        protos.protos = protos.protos.to(dev)
-        refine = None
-        if pcfg.mode == "partition":
-            from fsct.partition import partition_slice as refine
-        elif pcfg.mode != "class":
+        if pcfg.mode not in ("class", "partition"):
             raise FsctError(f"config: predict.mode={pcfg.mode!r} is not class or partition")
+        learned = pcfg.mode == "partition" and pcfg.partition_split in ("learned", "boundary")
+        if learned and not model.dense_head:
+            raise FsctError(f"{checkpoint}: predict.partition_split={pcfg.partition_split} needs a model "
+                            "trained with model.decoder=unet")
+        refine = protos = None
+        if not learned:  # the learned partition needs no support: its borders come from the model alone
+            pool = load_split(support, support_split, size=cfg.data.image_size)
+            protos = support_prototypes(model, pool, pcfg, dev)
+            protos.protos = protos.protos.to(dev)
+        if pcfg.mode == "partition" and not learned:
+            from fsct.partition import partition_slice as refine
         masks = []
         with acc.autocast():
             for ks in track(list(_batched(queries.keys, pcfg.batch_size)), desc=f"predict rank {rank}",
                             enabled=acc.is_local_main_process):
                 imgs = queries.load(ks)
+                if learned:
+                    masks.append(learned_masks(model, torch.from_numpy(imgs).to(dev), pcfg, cfg.data.image_size))
+                    continue
                 labels, logits, feats = predict_batch(model, protos, torch.from_numpy(imgs).to(dev), pcfg,
                                                       cfg.data.image_size)
                 if refine is not None:
@@ -236,6 +272,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    keep_freed_memory()
     predict(args.checkpoint, args.support, args.images, args.out, args.support_split, args.images_split,
             args.overrides)
     return 0

@@ -27,6 +27,7 @@ from fsct.config import Config, load_config, save_config, to_dict
 from fsct.data.episodes import Batch, Episode, EpisodeSampler, EpisodeStream, PoolTensors, make_batch, step_generator
 from fsct.data.shards import Pool, load_split, rank_subset, read_index
 from fsct.errors import FsctError
+from fsct.malloc import keep_freed_memory
 from fsct.metrics import episode_miou, official_score_slice
 from fsct.model.panet import build_model
 from fsct.progress import is_terminal
@@ -164,7 +165,8 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
                 drawn.update(" ".join(keys[i] for i in (*ep.support, *ep.query)).encode() + b";")
             with acc.accumulate(step_fn):
                 with acc.autocast():
-                    terms = step_fn(batch.s_img, batch.s_lbl, batch.q_img, batch.n_way, q_lbl=batch.q_lbl)
+                    terms = step_fn(batch.s_img, batch.s_lbl, batch.q_img, batch.n_way, q_lbl=batch.q_lbl,
+                                    raw=batch.raw)
                 acc.backward(terms["loss"])
                 grad_norm = acc.clip_grad_norm_(step_fn.parameters(), cfg.optim.grad_clip) \
                     if acc.sync_gradients and cfg.optim.grad_clip > 0 else None
@@ -334,10 +336,46 @@ def validate(acc, step_fn: nn.Module, val: ValSet, cfg: Config) -> tuple[dict[st
         if i == 0:
             panel = [(batch.q_img[0, j, 0].float().cpu().numpy(), pred[j].cpu().numpy(), truth[j].cpu().numpy())
                      for j in range(min(4, pred.shape[0]))]
+    part = partition_scores(model, val, cfg, acc.process_index, acc.num_processes) if model.dense_head else None
     model.train()
     sums = acc.reduce(sums.to(acc.device), "sum").cpu()
     n = max(sums[3].item(), 1.0)
-    return {"val/miou": sums[0].item() / n, "val/miou_bg": sums[1].item() / n, "val/ari_fg": sums[2].item() / n}, panel
+    metrics = {"val/miou": sums[0].item() / n, "val/miou_bg": sums[1].item() / n, "val/ari_fg": sums[2].item() / n}
+    if part is not None:
+        # A dense model's val/ari_fg is the official score of its partition of whole val slices, what
+        # `fsct predict` submits, at the best threshold of the grid (kept in cfg.predict: it is saved with
+        # the model); the episode argmax ARI stays visible as val/ari_episode.
+        part = acc.reduce(part.to(acc.device), "sum").cpu()
+        means = part[:-1] / max(part[-1].item(), 1.0)
+        best = int(means.argmax())
+        cfg.predict.boundary_threshold = val_thresholds(cfg)[best]
+        metrics["val/ari_episode"] = metrics["val/ari_fg"]
+        metrics["val/ari_fg"] = means[best].item()
+        metrics["val/boundary_threshold"] = cfg.predict.boundary_threshold
+    return metrics, panel
+
+
+def partition_scores(model: nn.Module, val: ValSet, cfg: Config, rank: int, world: int) -> torch.Tensor:
+    """Per threshold of the grid (fsct.threshold), the sum of the official scores of the configured partition
+    over this rank's share of the first `train.val_slices` val slices at the training size, then the count."""
+    from fsct.predict import boundary_batch
+    from fsct.threshold import threshold_scores
+
+    grid = val_thresholds(cfg)
+    idx = list(range(rank, min(cfg.train.val_slices, len(val.tensors.images)), world))
+    if not idx or val.tensors.masks is None:
+        return torch.zeros(len(grid) + 1, dtype=torch.float64)
+    dev = next(model.parameters()).device
+    prob = boundary_batch(model, val.tensors.images[idx].to(dev), False, cfg.data.image_size)
+    scores = threshold_scores(prob, val.tensors.images[idx].cpu().numpy(), val.tensors.masks[idx].cpu().numpy(),
+                              cfg.predict, grid)
+    return torch.tensor([*scores.sum(1), len(idx)], dtype=torch.float64)
+
+
+def val_thresholds(cfg: Config) -> tuple[float, ...]:
+    from fsct.threshold import GRID
+
+    return GRID if cfg.train.tune_threshold else (cfg.predict.boundary_threshold,)
 
 
 def _log_panel(acc, panel: list, step: int) -> None:
@@ -415,6 +453,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    keep_freed_memory()
     cfg = load_config(args.config, args.overrides)
     train(cfg, args.resume)
     return 0

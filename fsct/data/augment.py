@@ -15,6 +15,18 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None, device: to
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 
 
+def _sharpen(img: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """img + amount * (img - gaussian_blur(img)) per slice: amount < 0 blurs (-1: the blur itself), > 0
+    sharpens. Scanners and reconstruction kernels differ in sharpness from patient to patient; a boundary
+    model must not learn one of them."""
+    x = torch.arange(5, device=img.device, dtype=img.dtype) - 2
+    k = torch.exp(-0.5 * x**2)
+    k = k / k.sum()
+    blur = F.conv2d(F.pad(img.unsqueeze(1), (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5))
+    blur = F.conv2d(F.pad(blur, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1)).squeeze(1)
+    return img + amount.view(-1, 1, 1) * (img - blur)
+
+
 def augment_batch(img: torch.Tensor, lbl: torch.Tensor, cfg: AugmentConfig,
                   g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """img (B,H,W) float in [0,1], lbl (B,H,W) long -> the same, with random affine + intensity changes.
@@ -33,6 +45,8 @@ def augment_batch(img: torch.Tensor, lbl: torch.Tensor, cfg: AugmentConfig,
     lab = F.grid_sample(lbl.unsqueeze(1).float(), grid, mode="nearest", padding_mode="zeros",
                         align_corners=False).squeeze(1).long()
     out = out.squeeze(1)
+    if cfg.sharpness > 0:
+        out = _sharpen(out, _uniform(B, -cfg.sharpness, cfg.sharpness, g, dev))
     gamma = _uniform(B, 1 - cfg.gamma, 1 + cfg.gamma, g, dev).view(B, 1, 1)
     contrast = _uniform(B, 1 - cfg.contrast, 1 + cfg.contrast, g, dev).view(B, 1, 1)
     out = out.clamp(0, 1).pow(gamma)

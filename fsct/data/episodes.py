@@ -38,10 +38,12 @@ class Batch:
     q_img: torch.Tensor  # (E, Q, 1, H, W)
     q_lbl: torch.Tensor  # (E, Q, H, W)
     n_way: int
+    raw: torch.Tensor | None = None  # (E, S+Q, H, W) long: the slices' own label ids (mask episodes only)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in
-                       (self.s_img, self.s_lbl, self.q_img, self.q_lbl)), self.n_way)
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(*(move(t) for t in (self.s_img, self.s_lbl, self.q_img, self.q_lbl)), self.n_way,
+                     move(self.raw))
 
 
 def rng_for(seed: int, rank: int, step: int, e: int) -> np.random.Generator:
@@ -184,21 +186,23 @@ def make_batch(episodes: list[Episode], pool: PoolTensors, n_way: int, augment: 
             imgs.append(src.images.index_select(0, idx))
             maps = src.superpixels if ep.source == "superpixel" else src.masks
             lbls.append(maps.index_select(0, idx))
-        img, lbl = torch.stack(imgs), torch.stack(lbls).long()
-        lbl = torch.gather(lut, 1, lbl.flatten(1)).view_as(lbl)  # per-episode remap via a 256-entry table
-        return img, lbl
+        return torch.stack(imgs), torch.stack(lbls).long()
 
-    s_img, s_lbl = gather("support")
-    q_img, q_lbl = gather("query")
+    s_img, s_raw = gather("support")
+    q_img, q_raw = gather("query")
     S = s_img.shape[1]
     img = torch.cat([s_img, q_img], 1).float().div_(255.0)
-    lbl = torch.cat([s_lbl, q_lbl], 1)
+    raw = torch.cat([s_raw, q_raw], 1)
     if augment is not None and augment.enabled:
-        flat_img, flat_lbl = augment_batch(img.flatten(0, 1), lbl.flatten(0, 1), augment, generator)
-        img, lbl = flat_img.view_as(img), flat_lbl.view_as(lbl)
+        # Labels are sampled nearest, so remapping after the warp equals warping the remapped labels.
+        flat_img, flat_raw = augment_batch(img.flatten(0, 1), raw.flatten(0, 1), augment, generator)
+        img, raw = flat_img.view_as(img), flat_raw.view_as(raw)
+    lbl = torch.gather(lut, 1, raw.flatten(1)).view_as(raw)  # per-episode remap via a 256-entry table
     img = img.sub_(0.5).div_(0.5).unsqueeze(2)
+    # Superpixel ids are pseudo-labels: their borders are intensity edges, not what the boundary head learns.
+    mask_source = all(ep.source == "mask" for ep in episodes)
     return Batch(img[:, :S].contiguous(), lbl[:, :S].contiguous(), img[:, S:].contiguous(),
-                 lbl[:, S:].contiguous(), n_way)
+                 lbl[:, S:].contiguous(), n_way, raw if mask_source else None)
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device | str) -> torch.Generator:

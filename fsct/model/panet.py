@@ -16,6 +16,13 @@ background), features at stride 8. Two variants (cfg.variant):
   background: to keep one output shape its channel 0 is filled with SEED_BG_LOGIT, a large negative
   number that softmax and argmax ignore.
 
+`decoder: unet` (fsct.model.decoder) replaces the stride-8 fusion with a U-Net/FPN decoder over the encoder's
+five stages (resnet18, efficientnet_lite0 or a timm model, from scratch or pretrained; fsct.model.backbones):
+embeddings at stride 2, where the same prototype loss and PAR apply, plus a boundary head trained from the
+full label maps (`raw`: a border is where two different ids meet; cells that see only background are not
+scored, so structures the annotation left out are not learned as "no border") with weight
+cfg.boundary_weight. The learned partition (fsct.partition.learned_partition) cuts along that boundary map.
+
 Prototypes, cosine logits and losses are computed in fp32 (autocast disabled there); the encoder may run
 under bf16 autocast and in channels_last.
 """
@@ -30,9 +37,12 @@ from torch import nn
 
 from fsct.config import ModelConfig
 from fsct.errors import FsctError
+from fsct.model.backbones import build_encoder
+from fsct.model.decoder import UNetDecoder
 from fsct.model.encoder import ResNetEncoder
 
 VARIANTS = ("panet", "seed")
+DECODERS = ("none", "unet")
 # Seed variant's background channel: exp(-1e4 - x) is 0 in fp32, and -1e4 is exact in bf16 too.
 SEED_BG_LOGIT = -1.0e4
 PANET_EPS = 1e-5  # the official repo's guard on empty masks
@@ -98,14 +108,39 @@ class PANet(nn.Module):
         self.eps = SEED_EPS if cfg.variant == "seed" else PANET_EPS
         self.channels_last = cfg.channels_last
         d = cfg.feature_dim
-        self.encoder = ResNetEncoder(1, d)
-        self.fusion = nn.Sequential(nn.Conv2d(d * 3, d, 1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True))
+        if cfg.decoder not in DECODERS:
+            raise FsctError(f"config: model.decoder={cfg.decoder!r} is not one of {', '.join(DECODERS)}")
+        self.dense_head = cfg.decoder == "unet"
+        self.boundary_weight = float(cfg.boundary_weight) if self.dense_head else 0.0
+        if self.dense_head:
+            if cfg.variant == "seed":
+                raise FsctError("config: model.variant=seed is the notebook's model: it takes model.decoder=none")
+            self.encoder = build_encoder(cfg.encoder, cfg.pretrained)
+            self.decoder = UNetDecoder(self.encoder.channels, cfg.decoder_dim, d)
+        else:
+            if cfg.encoder != "resnet18" or cfg.pretrained:
+                raise FsctError("config: model.encoder/model.pretrained other than a scratch resnet18 need "
+                                "model.decoder=unet")
+            self.encoder = ResNetEncoder(1, d)
+            self.fusion = nn.Sequential(nn.Conv2d(d * 3, d, 1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True))
         if cfg.channels_last:
             self.to(memory_format=torch.channels_last)
 
     # -- building blocks (also used by prediction) -------------------------------------------------------
+    def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B,1,H,W) -> features (B,C,h,w) and boundary logits (B,h,w) (None without a decoder): stride 2
+        with `decoder: unet`, else the stride-8 fused features."""
+        if not self.dense_head:
+            return self.features(x), None
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.decoder(self.encoder(x))
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,1,H,W) -> fused multi-scale features (B,C,H/8,W/8): layer3/4 upsampled to layer2's size."""
+        """(B,1,H,W) -> fused multi-scale features (B,C,H/8,W/8): layer3/4 upsampled to layer2's size
+        (with `decoder: unet`: the decoder's embeddings at stride 2)."""
+        if self.dense_head:
+            return self.dense(x)[0]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         f2, f3, f4 = self.encoder(x)
@@ -130,17 +165,19 @@ class PANet(nn.Module):
         return resize(one_hot(labels, k), size, "area")
 
     # -- episodes ------------------------------------------------------------------------------------------
-    def encode(self, s_img: torch.Tensor, q_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> support features (E,S,C,h,w), query features (E,Q,C,h,w)."""
+    def encode(self, s_img: torch.Tensor, q_img: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> support features (E,S,C,h,w), query features (E,Q,C,h,w), boundary logits (E,S+Q,h,w) or None."""
         e, s, q = s_img.shape[0], s_img.shape[1], q_img.shape[1]
         if self.variant == "seed" and self.training:
             # The notebook encodes each episode's support and query in separate calls: in train mode
             # BatchNorm normalises with each call's own batch statistics, so that is part of its loss.
             feats = [self.features(x) for i in range(e) for x in (s_img[i], q_img[i])]
-            return torch.stack(feats[0::2]), torch.stack(feats[1::2])
+            return torch.stack(feats[0::2]), torch.stack(feats[1::2]), None
         # One encoder call for support and query of all episodes: fewer, larger kernels.
-        f = self.features(torch.cat([s_img.flatten(0, 1), q_img.flatten(0, 1)]))
-        return f[: e * s].unflatten(0, (e, s)), f[e * s :].unflatten(0, (e, q))
+        f, b = self.dense(torch.cat([s_img.flatten(0, 1), q_img.flatten(0, 1)]))
+        b = None if b is None else b.unflatten(0, (e, s + q))
+        return f[: e * s].unflatten(0, (e, s)), f[e * s :].unflatten(0, (e, q)), b
 
     def forward(
         self,
@@ -149,10 +186,11 @@ class PANet(nn.Module):
         q_img: torch.Tensor,
         n_way: int,
         q_lbl: torch.Tensor | None = None,
+        raw: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         k = n_way + 1
         size = q_img.shape[-2:]
-        sf, qf = self.encode(s_img, q_img)
+        sf, qf, bnd = self.encode(s_img, q_img)
         with _fp32(sf):
             sf, qf = sf.float(), qf.float()
             protos = self.prototypes(sf, self.support_onehot(s_lbl, k, sf.shape[-2:]))  # (E,K,C)
@@ -171,13 +209,18 @@ class PANet(nn.Module):
             else:
                 ce = F.cross_entropy(logits.flatten(0, 1), q_lbl.flatten(0, 1))
             par = self._par(sf, s_lbl, qf, low, k) if self.par_weight > 0 else ce.new_zeros(())
-            return {"loss": ce + self.par_weight * par, "ce": ce, "par": par, "logits": logits}
+            terms = {"loss": ce + self.par_weight * par, "ce": ce, "par": par, "logits": logits}
+            if bnd is not None and self.boundary_weight > 0:
+                terms["boundary"] = boundary_loss(bnd.float(), raw)
+                terms["loss"] = terms["loss"] + self.boundary_weight * terms["boundary"]
+            return terms
 
     def loss(
-        self, s_img: torch.Tensor, s_lbl: torch.Tensor, q_img: torch.Tensor, q_lbl: torch.Tensor, n_way: int
+        self, s_img: torch.Tensor, s_lbl: torch.Tensor, q_img: torch.Tensor, q_lbl: torch.Tensor, n_way: int,
+        raw: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """{"loss": total, "ce", "par" (0 when off), "logits": (E,Q,n_way+1,H,W)}."""
-        return self(s_img, s_lbl, q_img, n_way, q_lbl=q_lbl)
+        """{"loss": total, "ce", "par" (0 when off), "boundary" (dense model), "logits": (E,Q,n_way+1,H,W)}."""
+        return self(s_img, s_lbl, q_img, n_way, q_lbl=q_lbl, raw=raw)
 
     def _seed_ce(self, low: torch.Tensor, q_lbl: torch.Tensor) -> torch.Tensor:
         """The notebook's loss: CE at feature resolution over the ways, background ignored, one mean per
@@ -198,6 +241,32 @@ class PANet(nn.Module):
         q_protos = self.prototypes(qf, pred)  # (E,K,C)
         s_logits = resize(self.logits(sf, q_protos), s_lbl.shape[-2:], "bilinear")
         return F.cross_entropy(s_logits.flatten(0, 1), s_lbl.flatten(0, 1))
+
+
+def boundary_target(raw: torch.Tensor, size: tuple[int, int] | torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-resolution label ids (B,H,W) -> (border, scored) float maps (B,h,w): a cell is a border when two
+    different ids meet within a pixel of it; it is scored when it sees any labelled pixel."""
+    x = raw.float().unsqueeze(1)
+    hi = F.max_pool2d(x, 3, 1, 1)
+    lo = -F.max_pool2d(-x, 3, 1, 1)
+    border = (hi != lo).float()
+    seen = (hi > 0).float()
+    factor = raw.shape[-1] // size[-1]
+    if factor > 1:
+        border, seen = F.max_pool2d(border, factor), F.max_pool2d(seen, factor)
+    return border.squeeze(1), seen.squeeze(1)
+
+
+def boundary_loss(logits: torch.Tensor, raw: torch.Tensor | None) -> torch.Tensor:
+    """BCE of the boundary logits (E,N,h,w) against the borders of the raw label maps (E,N,H,W), mean over
+    scored cells. Without label maps (superpixel episodes) the head still joins the graph with weight 0, so
+    DDP sees a gradient for every parameter."""
+    if raw is None:
+        return logits.sum() * 0.0
+    with _fp32(logits):
+        border, seen = boundary_target(raw.flatten(0, 1), logits.shape[-2:])
+        per = F.binary_cross_entropy_with_logits(logits.flatten(0, 1).float(), border, reduction="none")
+        return (per * seen).sum() / seen.sum().clamp_min(1.0)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -1,0 +1,36 @@
+"""The boundary threshold of a dense model, chosen on val: the learned partition's official score on whole
+val slices for a grid of thresholds. A model's boundary probabilities are calibrated by its training (their
+spread narrows or widens with steps, data and loss weight), so one fixed number does not fit every run;
+choosing it on the run's own val slices does, and the choice travels in the model's config.yaml."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fsct.config import PredictConfig
+from fsct.metrics import official_score_slice
+
+GRID = tuple(round(0.2 + 0.05 * i, 2) for i in range(11))  # 0.2 .. 0.7
+
+
+def threshold_scores(prob: torch.Tensor, images: np.ndarray, truths: np.ndarray, cfg: PredictConfig,
+                     thresholds: tuple[float, ...]) -> np.ndarray:
+    """Boundary probabilities (N,h,w), uint8 slices and true label maps (N,H,W) -> official scores (T, N)
+    of the configured partition (`learned` or `boundary`) at each threshold."""
+    from fsct.partition import body_superpixels, boundary_merge_slice, learned_partition
+
+    size = images.shape[-1]
+    full = torch.nn.functional.interpolate(prob.float()[:, None], size=(size, size), mode="bilinear",
+                                           align_corners=False)[:, 0].cpu().numpy()
+    scores = np.zeros((len(thresholds), len(images)))
+    if cfg.partition_split == "boundary":
+        sps = [body_superpixels(im, cfg.sp_scale) for im in images]  # once, for every threshold
+    for i, t in enumerate(thresholds):
+        if cfg.partition_split == "boundary":
+            preds = [boundary_merge_slice(im, p, cfg, t, sp) for im, p, sp in zip(images, full, sps, strict=True)]
+        else:
+            step = PredictConfig(**{**cfg.__dict__, "boundary_threshold": t})
+            preds = learned_partition(prob, step, size).cpu().numpy()
+        scores[i] = [official_score_slice(tr, pr) for tr, pr in zip(truths, preds, strict=True)]
+    return scores

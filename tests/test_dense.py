@@ -1,0 +1,254 @@
+"""The dense PANet (decoder: unet), its encoders and pretrained weights, and the learned partition."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from torch import nn
+
+from fsct.config import ModelConfig, PredictConfig
+from fsct.errors import FsctError
+from fsct.model.backbones import EfficientNetLite0, build_encoder
+from fsct.model.panet import PANet, boundary_target
+from fsct.partition import label_components, learned_partition, merge_by_boundary
+from fsct.submission import read_submission
+from tests.conftest import REPO, fsct
+
+
+def dense_cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{"decoder": "unet", "feature_dim": 16, "decoder_dim": 16, **kw})
+
+
+def episode(e: int = 2, s: int = 1, q: int = 1, size: int = 64, n_way: int = 2):
+    g = torch.Generator().manual_seed(0)
+    raw = torch.zeros(e, s + q, size, size, dtype=torch.long)
+    raw[..., 8:30, 8:40] = 7
+    raw[..., 34:60, 10:50] = 3
+    lbl = torch.where(raw == 7, 1, torch.where(raw == 3, 2, 0))
+    img = torch.rand(e, s + q, 1, size, size, generator=g) * 2 - 1
+    return img[:, :s], lbl[:, :s], img[:, s:], lbl[:, s:], n_way, raw
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "efficientnet_lite0"])
+def test_dense_shapes_and_every_parameter_learns(encoder: str):
+    model = PANet(dense_cfg(encoder=encoder))
+    x = torch.randn(3, 1, 64, 64)
+    feats, bnd = model.dense(x)
+    assert feats.shape == (3, 16, 32, 32) and bnd.shape == (3, 32, 32)  # stride 2
+    s_img, s_lbl, q_img, q_lbl, n_way, raw = episode()
+    logits = model(s_img, s_lbl, q_img, n_way)
+    assert logits.shape == (2, 1, 3, 64, 64)
+    for r in (raw, None):  # superpixel episodes pass no label maps: the head must still be in the graph
+        model.zero_grad()
+        terms = model(s_img, s_lbl, q_img, n_way, q_lbl=q_lbl, raw=r)
+        terms["loss"].backward()
+        assert (terms["boundary"].item() > 0) == (r is not None)
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing, missing  # DDP would fail on parameters without gradients
+
+
+def test_decoder_none_is_todays_panet_and_seed_refuses_a_decoder():
+    assert not hasattr(PANet(ModelConfig(feature_dim=16)), "decoder")
+    assert PANet(ModelConfig(feature_dim=16)).features(torch.randn(1, 1, 64, 64)).shape == (1, 16, 8, 8)
+    with pytest.raises(FsctError, match="decoder=none"):
+        PANet(dense_cfg(variant="seed"))
+    with pytest.raises(FsctError, match="decoder=unet"):
+        PANet(ModelConfig(encoder="efficientnet_lite0"))
+
+
+def test_boundary_target_marks_borders_and_ignores_pure_background():
+    raw = torch.zeros(1, 8, 8, dtype=torch.long)
+    raw[0, :, :4] = 5
+    raw[0, :, 4:6] = 9  # columns 6,7 stay background
+    border, seen = boundary_target(raw, (8, 8))
+    np.testing.assert_array_equal(border[0, 0].numpy(), [0, 0, 0, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(seen[0, 0].numpy(), [1, 1, 1, 1, 1, 1, 1, 0])  # column 7 sees only 0
+    half_border, half_seen = boundary_target(raw, (4, 4))
+    np.testing.assert_array_equal(half_border[0, 0].numpy(), [0, 1, 1, 1])
+
+
+def test_label_components_match_scipy():
+    rng = np.random.default_rng(0)
+    mask = ndimage.binary_opening(rng.random((3, 50, 60)) > 0.45, np.ones((1, 2, 2)))
+    ours = label_components(torch.from_numpy(mask)).numpy()
+    for m, o in zip(mask, ours, strict=True):
+        ref, n = ndimage.label(m, structure=np.ones((3, 3)))
+        assert len(np.unique(o[m])) == n
+        # the same partition: every scipy component is exactly one of ours
+        pairs = np.unique(np.stack([ref[m], o[m]]), axis=1)
+        assert pairs.shape[1] == n
+        assert (o[~m] == 0).all()
+
+
+def test_learned_partition_cuts_along_the_boundary_map_deterministically():
+    prob = torch.full((2, 64, 64), 0.05)
+    prob[:, 30:33, :] = 0.95  # a horizontal wall
+    prob[:, :30, 40:42] = 0.9  # and a vertical one in the upper half
+    prob[1, 50:52, 5:7] = 0.0  # an isolated low cell stays part of its surroundings
+    cfg = PredictConfig(boundary_threshold=0.5, min_region=64)
+    a, b = learned_partition(prob, cfg), learned_partition(prob, cfg)
+    assert a.dtype == torch.uint8 and a.shape == (2, 512, 512)
+    assert torch.equal(a, b)
+    for part in a.numpy():
+        assert len(np.unique(part)) == 3
+        up_left, up_right, low = part[100, 100], part[100, 450], part[400, 100]
+        assert len({up_left, up_right, low}) == 3
+        assert (part[:200, :300] == up_left).all() and (part[300:] == low).all()
+    # seeds under min_region (counted at 512x512) are dropped and flooded by their neighbours
+    small = torch.full((1, 64, 64), 0.95)
+    small[0, 2:4, 2:4] = 0.0  # 2x2 cells of 64 = 16x16 px at 512
+    small[0, 20:60, 20:60] = 0.0
+    assert len(learned_partition(small, PredictConfig(min_region=400)).unique()) == 1
+    assert len(learned_partition(small, PredictConfig(min_region=100)).unique()) == 2
+
+
+def rgb_lite0_state() -> dict[str, torch.Tensor]:
+    """A tiny locally written 'ImageNet' file: the Lite0 layout with an RGB stem and a classifier."""
+    torch.manual_seed(1)
+    enc = EfficientNetLite0(in_channels=3)
+    for p in enc.parameters():
+        nn.init.normal_(p, std=0.1)
+    sd = dict(enc.state_dict())
+    sd["_fc.weight"] = torch.zeros(10, 1280)
+    return sd
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_weights_from_a_local_file(tmp_path: Path, suffix: str):
+    sd = rgb_lite0_state()
+    path = tmp_path / f"lite0{suffix}"
+    if suffix == ".pth":
+        torch.save(sd, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    model = PANet(dense_cfg(encoder="efficientnet_lite0", pretrained=str(path)))
+    got = model.encoder.state_dict()
+    torch.testing.assert_close(got["_conv_stem.weight"], sd["_conv_stem.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(got["_blocks.5._depthwise_conv.weight"], sd["_blocks.5._depthwise_conv.weight"])
+    scratch = PANet(dense_cfg(encoder="efficientnet_lite0"))
+    assert not torch.equal(scratch.encoder.state_dict()["_blocks.5._depthwise_conv.weight"],
+                           sd["_blocks.5._depthwise_conv.weight"])
+
+
+def test_pretrained_errors_are_one_line(tmp_path: Path):
+    with pytest.raises(FsctError, match="not found"):
+        build_encoder("efficientnet_lite0", str(tmp_path / "nope.safetensors"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"_conv_stem.weight": torch.zeros(8, 3, 3, 3)}, bad)
+    with pytest.raises(FsctError, match="shape"):
+        build_encoder("efficientnet_lite0", str(bad))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(FsctError, match="cannot read weights"):
+        build_encoder("efficientnet_lite0", str(tmp_path / "junk.safetensors"))
+    with pytest.raises(FsctError, match="timm/"):
+        build_encoder("resnet18", "timm/resnet18.a1_in1k")
+
+
+class _FeatureInfo:
+    def __init__(self, channels: list[int]):
+        self._c = channels
+
+    def channels(self) -> list[int]:
+        return self._c
+
+    def reduction(self) -> list[int]:
+        return [2, 4, 8, 16, 32]
+
+
+class _TinyFeatures(nn.Module):
+    """What timm.create_model(..., features_only=True) returns: a module with feature_info and a list."""
+
+    def __init__(self, in_chans: int):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(in_chans if i == 0 else 4 * i, 4 * (i + 1), 3, 2, 1)
+                                    for i in range(5)])
+        self.feature_info = _FeatureInfo([4, 8, 12, 16, 20])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for c in self.convs:
+            x = c(x)
+            out.append(x)
+        return out
+
+
+def test_timm_encoder_through_the_features_only_contract(tmp_path: Path, monkeypatch):
+    calls = []
+
+    def create_model(name: str, features_only: bool, in_chans: int, pretrained: bool, **kw):
+        calls.append((name, features_only, in_chans, pretrained, kw))
+        return _TinyFeatures(in_chans)
+
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+    weights = {k: torch.full_like(v, 0.5) for k, v in _TinyFeatures(3).state_dict().items()}
+    torch.save(weights, tmp_path / "tiny.pth")
+    model = PANet(dense_cfg(encoder="timm/tiny", pretrained=str(tmp_path / "tiny.pth")))
+    assert calls[-1][:4] == ("tiny", True, 1, False)
+    stem = model.encoder.body.convs[0].weight
+    torch.testing.assert_close(stem, torch.full_like(stem, 1.5))  # RGB summed onto the CT channel
+    feats, bnd = model.dense(torch.randn(2, 1, 64, 64))
+    assert feats.shape == (2, 16, 32, 32) and bnd.shape == (2, 32, 32)
+    PANet(dense_cfg(encoder="timm/tiny", pretrained="timm/tiny.in1k"))
+    assert calls[-1][3] is True and calls[-1][4] == {"pretrained_cfg_overlay": {"hf_hub_id": "timm/tiny.in1k"}}
+
+
+def test_real_timm_encoder_when_installed():
+    pytest.importorskip("timm")
+    model = PANet(dense_cfg(encoder="timm/resnet18"))
+    feats, bnd = model.dense(torch.randn(1, 1, 64, 64))
+    assert feats.shape == (1, 16, 32, 32) and bnd.shape == (1, 32, 32)
+
+
+DENSE = ["data.image_size=64", "model.feature_dim=16", "model.decoder_dim=16", "episodes.n_way=2",
+         "episodes.k_shot=1", "episodes.n_query=1", "episodes.episodes_per_step=2", "train.max_steps=4",
+         "train.val_every=2", "train.val_episodes=2", "train.val_slices=3", "train.save_every=0"]
+
+
+@pytest.mark.slow
+def test_partition_recipe_trains_validates_and_predicts(shards: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    r = fsct("train", "--config", str(REPO / "configs" / "partition_cpu.yaml"), f"data.shards={shards}",
+             f"train.output_dir={run}", *DENSE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [row for row in rows if "val/ari_fg" in row]
+    assert [row["step"] for row in val] == [2, 4]
+    assert all(-1 <= row["val/ari_fg"] <= 1 and "val/ari_episode" in row and "train/boundary" not in row
+               for row in val)
+    assert any("train/boundary" in row for row in rows)
+    subs = []
+    for name in ("a.csv", "b.csv"):  # the recipe's own predict settings: the learned partition
+        r = fsct("predict", "--checkpoint", str(run), "--support", str(shards), "--images", str(shards),
+                 "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr[-3000:]
+        subs.append(read_submission(tmp_path / name)[1])
+    assert subs[0].shape == (4, 512, 512)
+    np.testing.assert_array_equal(subs[0], subs[1])
+    assert all(len(np.unique(m)) >= 2 for m in subs[0])
+
+
+def test_merge_by_boundary_glues_superpixels_the_model_sees_no_border_between():
+    sp = np.zeros((40, 40), np.int64)
+    sp[:20, :20], sp[:20, 20:], sp[20:, :20], sp[20:, 20:] = 1, 2, 3, 4  # four "superpixels"
+    prob = np.full((40, 40), 0.1)
+    prob[19:21, :] = 0.9  # a real border between the top and the bottom half
+    merged = merge_by_boundary(sp, prob, threshold=0.5)
+    assert merged[0, 0] == merged[0, 39] and merged[39, 0] == merged[39, 39]
+    assert merged[0, 0] != merged[39, 0]
+    # a strong border along most of a pair, weak at one spot: pooled, the pair stays apart
+    prob = np.full((40, 40), 0.1)
+    prob[:, 19:21] = 0.9
+    prob[19:21, :] = 0.9
+    prob[30:32, 19:21] = 0.1
+    merged = merge_by_boundary(sp, prob, threshold=0.5)
+    assert len(np.unique(merged)) == 4
+    np.testing.assert_array_equal(merge_by_boundary(sp, prob, 0.95), np.full_like(sp, merged[0, 0]))
