@@ -508,11 +508,12 @@ def _lung_vessels(c: _Canvas, name: str, side: int, sl: tuple[slice, slice]) -> 
     medial = u >= np.quantile(u, 0.9)
     hy, hx = float(ys[medial].mean()), float(xs[medial].mean())
     extent = float(np.hypot(ys.max() - ys.min(), xs.max() - xs.min()))
+    thick = min(1.0, max(0.4, math.sqrt(len(ys)) / 120))  # thinner vessels in small lung sections
     lines = np.zeros(inside.shape, np.float32)  # vessel HU above the parenchyma, max over branches
     stack = []
     for _ in range(int(rng.integers(3, 5))):  # lobar trunks fanning laterally, up and down
         a = math.atan2(0.0, side) + rng.uniform(-1.4, 1.4)  # lateral is +x for the left lung
-        stack.append((hx, hy, a, float(rng.uniform(0.22, 0.3)) * extent, float(rng.uniform(3.5, 5.0)), 0))
+        stack.append((hx, hy, a, float(rng.uniform(0.22, 0.3)) * extent, float(rng.uniform(3.5, 5.0)) * thick, 0))
     while stack:
         x0, y0, a, length, w, depth = stack.pop()
         x1, y1 = x0 + length * math.cos(a), y0 + length * math.sin(a)
