@@ -11,11 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from fsct import cli  # noqa: E402
 from fsct.data import synth  # noqa: E402
+from fsct.data.superpixels import superpixels  # noqa: E402
 from fsct.errors import FsctError  # noqa: E402
 
 TINY = synth.SynthSettings(seed=3, n_train=6, n_test=3, labelled_fraction=0.5)
@@ -163,3 +165,54 @@ def test_existing_output_refused_without_overwrite(tmp_path: Path, capsys):
     assert exit_info.value.code == 0
     assert not (out / "keep.txt").exists() and (out / "Y_train.csv").is_file()
     assert (tmp_path / "sheet.png").read_bytes() == (out / "contact_sheet.png").read_bytes()
+
+
+# Textures that break intensity superpixels (issue 10): lung vessels, cortical rim around marrow, kidney
+# cortex around medullary pyramids, and a liver lesion of the liver's own intensity. Each structure keeps
+# one label; intensity superpixels cut it (so a partition that merges superpixels is needed) or, for the
+# lesion, swallow it into the host.
+def _split_shares(sp: np.ndarray, region: np.ndarray) -> np.ndarray:
+    _, counts = np.unique(sp[region], return_counts=True)
+    return np.sort(counts / region.sum())[::-1]
+
+
+@pytest.mark.parametrize("level, names, seed", [
+    (0.08, ("lung_right", "lung_left", "vertebra"), 0),
+    (0.12, ("lung_right", "lung_left", "vertebra"), 1),
+    (0.55, ("kidney_right", "kidney_left", "vertebra"), 0),
+    (0.6, ("kidney_right", "kidney_left", "vertebra"), 1),
+])
+def test_textures_split_intensity_superpixels_but_not_labels(level, names, seed):
+    image, truth = synth.generate_slice(np.random.default_rng([11, seed]), level)
+    sp = superpixels(image)
+    for name in names:
+        region = truth == synth._id(name)
+        assert region.sum() > 500, name
+        # The label map keeps the structure whole: one id, essentially one connected piece.
+        comps, n = ndimage.label(region)
+        assert np.bincount(comps.ravel())[1:].max() >= 0.95 * region.sum(), name
+        # Intensity superpixels cut it: no segment holds 80% of it, at least three hold 2% each.
+        shares = _split_shares(sp, region)
+        assert shares[0] < 0.8 and (shares >= 0.02).sum() >= 3, (name, shares[:4])
+
+
+def test_liver_lesion_has_the_liver_intensity_and_superpixels_miss_it():
+    lesion, liver = synth._id("liver_lesion"), synth._id("liver")
+    found = 0
+    for seed in range(4):
+        image, truth = synth.generate_slice(np.random.default_rng([12, seed]), 0.42, lesion_prob=1.0)
+        les, host = truth == lesion, truth == liver
+        if les.sum() < 200:
+            continue
+        found += 1
+        # Its own label, but a mean gray level within 3 of the liver's (1 gray level ~ 8 HU).
+        assert abs(float(image[les].mean()) - float(image[host].mean())) < 3.0
+        # An oracle merge of intensity superpixels (majority truth id per segment) recovers little of it.
+        sp = superpixels(image)
+        hit = 0
+        for s in np.unique(sp[les]):
+            ids, counts = np.unique(truth[sp == s], return_counts=True)
+            if ids[counts.argmax()] == lesion:
+                hit += int((les & (sp == s)).sum())
+        assert hit < 0.5 * les.sum()
+    assert found >= 2

@@ -240,7 +240,7 @@ class _Canvas:
         got = self.organ(name, u, v, ru, rv, 850, ang, wob, within="body", jitter=0.015)
         if got is not None:
             sl, t = got
-            self.paint(sl, t < cortex, 380 + self.rng.normal(0, 30), None, within="body")
+            self.paint(sl, t < cortex, _marrow(self.rng, t.shape), None, within="body")
         return got
 
     def hollow(self, name: str, u: float, v: float, ru: float, rv: float, ang: float = 0.0,
@@ -290,7 +290,7 @@ def _draw(c: _Canvas, lesion_prob: float) -> None:
                           side * 0.15, wob=0.1)
             if got is None:
                 continue
-            _spots(c, name, got[0], int(rng.integers(10, 25)), 0.008, 0.02, -120)  # lung vessels
+            _lung_vessels(c, name, side, got[0])
             if lesion_prob > 0 and keep(lesion_prob):
                 _lesion(c, name, "lung_nodule", 0.02, 0.05, 35)
         if 0.06 < z < 0.31 and keep(0.98):
@@ -356,14 +356,14 @@ def _draw(c: _Canvas, lesion_prob: float) -> None:
     for side, name in ((-1, "kidney_right"), (1, "kidney_left")):
         kid = _profile(z, 0.4 + 0.03 * (side < 0), 0.68 + 0.03 * (side < 0))
         if kid > 0 and keep(0.97):
-            got = c.organ(name, side * 0.52, 0.22, 0.09 + 0.09 * kid, 0.12 + 0.12 * kid, 115, side * 0.45,
+            got = c.organ(name, side * 0.52, 0.22, 0.09 + 0.09 * kid, 0.12 + 0.12 * kid, 150, side * 0.45,
                           wob=0.06)
             if got is not None:
-                c.paint(*_inner(c, name, 0.45), 25, None)
+                _kidney_medulla(c, name, *got)
                 if lesion_prob > 0 and keep(lesion_prob):
                     _lesion(c, name, "kidney_cyst", 0.03, 0.06, 2)
     if lesion_prob > 0 and liver > 0.3 and keep(lesion_prob):
-        _lesion(c, "liver", "liver_lesion", 0.04, 0.1, 20)
+        _lesion(c, "liver", "liver_lesion", 0.06, 0.13, 62, rim=28, texture=9)  # near-isodense, faint rim
     if 0.5 < z < 0.97:
         t = (z - 0.5) / 0.47
         for side, name in ((-1, "psoas_right"), (1, "psoas_left")):
@@ -409,6 +409,29 @@ def _draw(c: _Canvas, lesion_prob: float) -> None:
         _ribs(c, z)
 
 
+def _marrow(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Cancellous bone inside a cortical rim: ~380 HU with a coarse trabecular mottling."""
+    tex = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 1.2)
+    return np.float32(380 + rng.normal(0, 30)) + tex * np.float32(180)
+
+
+def _kidney_medulla(c: _Canvas, name: str, sl: tuple[slice, slice], t: np.ndarray) -> None:
+    """Corticomedullary phase: darker medullary pyramids (wedges pointing at the sinus) inside the bright
+    cortex, and a darker sinus at the centre. Image only: the kidney keeps one label."""
+    rng = c.rng
+    inside = c.lab[sl] == _id(name)
+    ys, xs = np.nonzero(inside)
+    if len(ys) < 50:
+        return
+    yy, xx = np.mgrid[0:inside.shape[0], 0:inside.shape[1]]
+    phi = np.arctan2(yy - ys.mean(), xx - xs.mean())
+    n = int(rng.integers(3, 6))
+    wedge = np.cos(n * (phi - rng.uniform(0, 6.3))) > rng.uniform(-0.3, 0.0)
+    pyramids = inside & wedge & (t > 0.25) & (t < rng.uniform(0.72, 0.8))
+    c.paint(sl, pyramids, 35 + rng.normal(0, 4), None)
+    c.paint(sl, inside & (t <= 0.25), 0 + rng.normal(0, 4), None)
+
+
 def _spots(c: _Canvas, name: str, sl: tuple[slice, slice], n: int, r0: float, r1: float, hu: float) -> None:
     """n small round spots of intensity `hu` centred on random pixels of structure `name` (vessels in
     lung and liver); they change the image only, not the labels."""
@@ -437,7 +460,10 @@ def _inner(c: _Canvas, name: str, frac: float) -> tuple[tuple[slice, slice], np.
     return sl, dist > (1 - frac) * dist.max()
 
 
-def _lesion(c: _Canvas, host: str, name: str, r0: float, r1: float, hu: float) -> None:
+def _lesion(c: _Canvas, host: str, name: str, r0: float, r1: float, hu: float, rim: float = 0.0,
+            texture: float = 0.0) -> None:
+    """A lesion labelled `name` inside `host`. `rim` > 0 adds a faint enhancing ring (HU above `hu`) and
+    `texture` a fine mottling (HU amplitude): with `hu` near the host's, only these tell it apart."""
     ys, xs = np.nonzero(c.lab == _id(host))
     if len(ys) < 300:
         return
@@ -447,7 +473,63 @@ def _lesion(c: _Canvas, host: str, name: str, r0: float, r1: float, hu: float) -
                   c.rng.uniform(0, 3.1), 0.12, scaled=False)
     if got is not None:
         sl, t = got
-        c.paint(sl, (t < 1) & (c.lab[sl] == _id(host)), hu + c.rng.normal(0, 5), _id(name), within="body")
+        val = np.full(t.shape, hu + c.rng.normal(0, 5), np.float32)
+        if texture > 0:
+            val += ndimage.gaussian_filter(c.rng.standard_normal(t.shape).astype(np.float32), 1.5) * (
+                np.float32(texture * 4))
+        if rim > 0:
+            val += np.float32(rim) * ((t > 0.82) & (t < 1))
+        c.paint(sl, (t < 1) & (c.lab[sl] == _id(host)), val, _id(name), within="body")
+
+
+def _segment_dist(x: np.ndarray, y: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    """Distance of pixel centres (x, y) to the segment (x0, y0)-(x1, y1)."""
+    dx, dy = x1 - x0, y1 - y0
+    t = np.clip(((x - x0) * dx + (y - y0) * dy) / max(dx * dx + dy * dy, 1e-6), 0, 1)
+    return np.hypot(x - x0 - t * dx, y - y0 - t * dy)
+
+
+def _lung_vessels(c: _Canvas, name: str, side: int, sl: tuple[slice, slice]) -> None:
+    """Pulmonary vessels: trees branching from the hilum (the lung's medial edge) out to the periphery,
+    thick and bright centrally, thin and faint outside, plus a faint parenchymal mottling. Image only:
+    the lung keeps one label."""
+    rng, lid = c.rng, _id(name)
+    inside = c.lab[sl] == lid
+    ys, xs = np.nonzero(inside)
+    if len(ys) < 200:
+        return
+    h = c.hu[sl]
+    # Parenchyma: -860 HU with a soft mottling (gravity-dependent density posteriorly).
+    mott = ndimage.gaussian_filter(rng.standard_normal(inside.shape).astype(np.float32), 2.0) * np.float32(60)
+    h[inside] += mott[inside] + np.float32(40) * np.clip(c.V[sl][inside], 0, None)
+    yy, xx = np.mgrid[0:inside.shape[0], 0:inside.shape[1]].astype(np.float32)
+    # Hilum: the medial-most tenth of the lung, mid-height.
+    u = c.U[sl][inside] * -side
+    medial = u >= np.quantile(u, 0.9)
+    hy, hx = float(ys[medial].mean()), float(xs[medial].mean())
+    extent = float(np.hypot(ys.max() - ys.min(), xs.max() - xs.min()))
+    thick = min(1.0, max(0.4, math.sqrt(len(ys)) / 120))  # thinner vessels in small lung sections
+    lines = np.zeros(inside.shape, np.float32)  # vessel HU above the parenchyma, max over branches
+    stack = []
+    for _ in range(int(rng.integers(3, 5))):  # lobar trunks fanning laterally, up and down
+        a = math.atan2(0.0, side) + rng.uniform(-1.4, 1.4)  # lateral is +x for the left lung
+        stack.append((hx, hy, a, float(rng.uniform(0.22, 0.3)) * extent, float(rng.uniform(3.5, 5.0)) * thick, 0))
+    while stack:
+        x0, y0, a, length, w, depth = stack.pop()
+        x1, y1 = x0 + length * math.cos(a), y0 + length * math.sin(a)
+        lo_y, hi_y = max(0, int(min(y0, y1) - w - 1)), min(inside.shape[0], int(max(y0, y1) + w + 2))
+        lo_x, hi_x = max(0, int(min(x0, x1) - w - 1)), min(inside.shape[1], int(max(x0, x1) + w + 2))
+        if lo_y < hi_y and lo_x < hi_x:
+            box = (slice(lo_y, hi_y), slice(lo_x, hi_x))
+            d = _segment_dist(xx[box], yy[box], x0, y0, x1, y1)
+            # Partial volume: thin vessels are fainter.
+            val = np.where(d < w / 2, np.float32(860 + rng.uniform(-40, 40)) * min(1.0, w / 3.0), 0)
+            np.maximum(lines[box], val, out=lines[box])
+        if depth < 3 and w > 1.2:
+            for turn in (-1, 1):
+                stack.append((x1, y1, a + turn * rng.uniform(0.25, 0.6), length * rng.uniform(0.6, 0.8),
+                              w * 0.7, depth + 1))
+    h[inside] += lines[inside]
 
 
 def _vertebra(c: _Canvas, lesion_prob: float) -> None:
