@@ -42,6 +42,7 @@ def load_checkpoint(path: Path | str, overrides: list[str] | None = None) -> tup
         raise FsctError(f"{path}: not a checkpoint (needs model.safetensors and config.yaml)")
     cfg = load_config(folder / "config.yaml", overrides)
     cfg.model.compile = False
+    cfg.model.pretrained = ""  # the checkpoint holds every weight: no pretrained file or hub needed here
     model = PANet(cfg.model)
     try:
         model.load_state_dict(load_file(str(weights)))

@@ -13,12 +13,14 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from fsct.config import ModelConfig, PredictConfig
+from fsct.config import AugmentConfig, ModelConfig, PredictConfig, load_config
+from fsct.data.augment import _sharpen, augment_batch
 from fsct.errors import FsctError
 from fsct.model.backbones import EfficientNetLite0, build_encoder
 from fsct.model.panet import PANet, boundary_target
 from fsct.partition import label_components, learned_partition, merge_by_boundary
 from fsct.submission import read_submission
+from fsct.threshold import GRID, threshold_scores
 from tests.conftest import REPO, fsct
 
 
@@ -225,6 +227,10 @@ def test_partition_recipe_trains_validates_and_predicts(shards: Path, tmp_path: 
     assert all(-1 <= row["val/ari_fg"] <= 1 and "val/ari_episode" in row and "train/boundary" not in row
                for row in val)
     assert any("train/boundary" in row for row in rows)
+    # the threshold chosen on val travels with the model
+    saved = load_config(run / "config.yaml")
+    assert val[-1]["val/boundary_threshold"] in GRID
+    assert saved.predict.boundary_threshold == val[-1]["val/boundary_threshold"]
     subs = []
     for name in ("a.csv", "b.csv"):  # the recipe's own predict settings: the learned partition
         r = fsct("predict", "--checkpoint", str(run), "--support", str(shards), "--images", str(shards),
@@ -252,3 +258,38 @@ def test_merge_by_boundary_glues_superpixels_the_model_sees_no_border_between():
     merged = merge_by_boundary(sp, prob, threshold=0.5)
     assert len(np.unique(merged)) == 4
     np.testing.assert_array_equal(merge_by_boundary(sp, prob, 0.95), np.full_like(sp, merged[0, 0]))
+
+
+def test_threshold_scores_find_the_threshold_that_separates():
+    truth = np.zeros((1, 64, 64), np.uint8)
+    truth[0, :30], truth[0, 34:] = 1, 2
+    prob = torch.full((1, 32, 32), 0.3)
+    prob[0, 15:17] = 0.6  # the border sits at 0.6: thresholds under 0.6 keep the halves apart
+    scores = threshold_scores(prob, np.zeros((1, 64, 64), np.uint8), truth,
+                              PredictConfig(partition_split="learned", min_region=1), (0.2, 0.5, 0.7))
+    assert scores.shape == (3, 1)
+    assert scores[1, 0] == pytest.approx(1.0) and scores[2, 0] == pytest.approx(0.0)
+    assert scores[0, 0] < 1.0  # everything under the threshold is a border: no seed at all
+
+
+def test_sharpness_augmentation():
+    img = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_sharpen(img, torch.zeros(3)), img)
+    flat = torch.full((1, 16, 16), 0.4)
+    torch.testing.assert_close(_sharpen(flat, torch.tensor([0.7])), flat)  # no edges, nothing to sharpen
+    blurred = _sharpen(img, -torch.ones(3))
+    assert blurred.std() < img.std()  # -1 is the gaussian blur itself
+    assert _sharpen(img, torch.ones(3)).std() > img.std()
+    lbl = torch.zeros(3, 32, 32, dtype=torch.long)
+    cfg = AugmentConfig(sharpness=0.5)
+    a = augment_batch(img, lbl, cfg, torch.Generator().manual_seed(1))[0]
+    b = augment_batch(img, lbl, cfg, torch.Generator().manual_seed(1))[0]
+    torch.testing.assert_close(a, b)
+    plain = augment_batch(img, lbl, AugmentConfig(), torch.Generator().manual_seed(1))[0]
+    assert not torch.equal(a, plain)
+
+
+def test_keep_freed_memory_sets_glibc_thresholds():
+    from fsct.malloc import keep_freed_memory
+
+    assert keep_freed_memory() is sys.platform.startswith("linux")

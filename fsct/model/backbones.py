@@ -109,8 +109,20 @@ class TimmStages(nn.Module):
         return list(self.body(x))[-5:]
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def weights_path(pretrained: str) -> Path:
+    """A relative weights path is looked up in the working directory, then in the checkout fsct runs from
+    (configs name `weights/...` files that ship with the repo)."""
+    path = Path(pretrained)
+    if path.is_absolute() or path.exists() or not (REPO / path).exists():
+        return path
+    return REPO / path
+
+
 def is_hub_name(pretrained: str) -> bool:
-    return bool(pretrained) and not Path(pretrained).exists() and not pretrained.endswith(
+    return bool(pretrained) and not weights_path(pretrained).exists() and not pretrained.endswith(
         (".safetensors", ".pth", ".pt", ".bin"))
 
 
@@ -128,7 +140,7 @@ def build_encoder(name: str, pretrained: str = "") -> nn.Module:
     if hub is not None and not name.startswith(TIMM_PREFIX):
         raise FsctError(f"model.pretrained={pretrained}: no such file (hub names need a timm/ encoder)")
     if pretrained and hub is None:
-        load_pretrained(enc, Path(pretrained))
+        load_pretrained(enc, weights_path(pretrained))
     return enc
 
 
