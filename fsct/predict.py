@@ -251,6 +251,7 @@ def _prepare_parts(out: Path, fp: str) -> None:
     """Under the lock (rank 0): drop temporaries of killed runs, and parts made by another checkpoint,
     config, support or test set (they would be wrong, and on a full disk they take the room)."""
     remove_stale(out)
+    remove_stale(out.parent / f"{out.name}.keys.json")
     parts = parts_dir(out)
     stamp = parts / "FINGERPRINT"
     if parts.exists() and not (stamp.is_file() and stamp.read_text().strip() == fp):

@@ -11,7 +11,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from fsct.atomic import atomic_file
+from fsct.atomic import atomic_file, remove_stale
 from fsct.errors import FsctError
 
 CKPT_PREFIX = "step_"
@@ -58,6 +58,8 @@ def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, main: bool) 
                 p.unlink()
     for partial in (out / "checkpoints").glob(f"{PARTIAL}*"):  # checkpoints a killed run did not finish
         shutil.rmtree(partial, ignore_errors=True)
+    for name in ("metrics.jsonl", "wandb_id.txt"):  # atomic rewrites a kill interrupted
+        remove_stale(out / name)
 
 
 def _safetensors_problem(path: Path) -> str | None:

@@ -201,6 +201,7 @@ def shard_dataset(images: Path, labels: Path | None, out: Path, split: str | Non
 def _write_locked(paths, masks, assignment, source, labels, out, val_fraction, val_classes, seed, max_count,
                   max_bytes, image_encoding, superpixels, workers, overwrite, progress, lut) -> dict:
     remove_stale(out)  # we hold the lock: temporaries beside `out` belong to killed writers
+    remove_stale(out / INDEX)
     existing = _read_index(out) if (out / INDEX).is_file() else None
     if existing is not None:
         _remove_unlisted(out, existing)
