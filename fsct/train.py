@@ -102,13 +102,11 @@ def param_digest(model: nn.Module, buffers: bool = False) -> str:
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> TrainerState:
     """One writer per output dir (a lock held by the main process), and never into another run's dir
     unless asked to continue it (--resume) or replace it (--overwrite)."""
-    from accelerate import PartialState
-
     out = Path(cfg.train.output_dir)
-    ps = PartialState()
-    with locked(out, "run dir", enabled=ps.is_main_process):
-        prepare_run_dir(out, resume, overwrite, ps.is_main_process)
-        ps.wait_for_everyone()
+    # Before the Accelerator exists: `accelerate launch` (torchrun) names each process's global rank.
+    main = int(os.environ.get("RANK", "0")) == 0
+    with locked(out, "run dir", enabled=main):
+        prepare_run_dir(out, resume, overwrite, main)  # other ranks only read; nothing they do races it
         return _train(cfg, resume)
 
 
