@@ -19,6 +19,7 @@ from fsct.data.shards import load_split, verify
 from fsct.errors import FsctError
 from fsct.lock import locked
 from fsct.predict import load_checkpoint, parts_dir
+from fsct.runs import describe_run
 from tests.conftest import REPO, fsct_env
 
 TINY = ["data.image_size=64", "model.feature_dim=32", "episodes.n_way=2", "episodes.k_shot=1",
@@ -146,6 +147,7 @@ def test_2_predict_and_train_stop_on_a_damaged_tar(ckpt: Path, shards: Path, tmp
     train_tar = copy / index["splits"]["train"]["shards"][0]["name"]
     train_tar.write_bytes(train_tar.read_bytes()[:5000])  # truncated mid-member
     one_line_error(run(*train_args(copy, tmp_path / "run", "train.max_steps=1")), train_tar.name)
+    assert describe_run(tmp_path / "run") is None  # a failed start: the next plain `fsct train` may go ahead
 
 
 # --- 3. a split merge is crash-safe ----------------------------------------------------------------------

@@ -247,8 +247,9 @@ def _write_locked(paths, masks, assignment, source, labels, out, val_fraction, v
             index["sources"][s] = source
         index["stats"] = _dataset_stats(index)
         _commit(tmp, out, index, existing is not None)
-    except OSError as e:
-        raise FsctError(f"{out}: cannot write shards ({e.strerror or e}); nothing was changed") from e
+    except OSError as e:  # a full disk, most often: the old index and tars are untouched
+        what = f"{e.strerror}: {e.filename}" if e.filename else (e.strerror or str(e))
+        raise FsctError(f"{out}: shard write failed ({what}); nothing was changed") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return index
