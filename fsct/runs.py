@@ -134,9 +134,14 @@ def find_checkpoint(out: Path, resume: str | None, log: Callable[[str], None] = 
     return None
 
 
-def write_json(path: Path, value: object) -> None:
+def write_text(path: Path, text: str) -> None:
+    """A small state file, replaced whole: a reader never sees half of it."""
     with atomic_file(path) as t:
-        t.write_text(json.dumps(value))
+        t.write_text(text)
+
+
+def write_json(path: Path, value: object) -> None:
+    write_text(path, json.dumps(value))
 
 
 def truncate_metrics(path: Path, step: int) -> None:

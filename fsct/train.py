@@ -32,7 +32,16 @@ from fsct.lock import locked
 from fsct.metrics import episode_miou, official_score_slice
 from fsct.model.panet import build_model
 from fsct.progress import is_terminal
-from fsct.runs import CKPT_PREFIX, PARTIAL, EpisodeAudit, checkpoints, prepare_run_dir, truncate_metrics, write_json
+from fsct.runs import (
+    CKPT_PREFIX,
+    PARTIAL,
+    EpisodeAudit,
+    checkpoints,
+    prepare_run_dir,
+    truncate_metrics,
+    write_json,
+    write_text,
+)
 from fsct.runs import find_checkpoint as _find_checkpoint
 
 
@@ -224,7 +233,7 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
             _checkpoint(acc, out, state, cfg, drawn)
             if acc.is_main_process:
                 (out / "PREEMPT").unlink(missing_ok=True)
-                (out / "PREEMPTED").write_text(f"{state.step}\n")
+                write_text(out / "PREEMPTED", f"{state.step}\n")
             progress.close()
             acc.print(f"preempted: checkpoint saved at step {state.step}", flush=True)
             acc.end_training()
@@ -236,14 +245,14 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
     _checkpoint(acc, out, state, cfg, drawn)
     _save_model(acc, step_fn, cfg, out)
     final = acc.unwrap_model(step_fn)
-    (out / f"rank{rank}.json").write_text(json.dumps({
+    write_json(out / f"rank{rank}.json", {
         "rank": rank, "step": state.step, "params": param_digest(final),
         "state": param_digest(final, buffers=True), "pool_keys": pool.keys,
         "episodes": state.step * cfg.optim.grad_accum * cfg.episodes.episodes_per_step,
-        "episodes_digest": drawn.digest[:16]}))
+        "episodes_digest": drawn.digest[:16]})
     if acc.is_main_process:
         (out / "PREEMPTED").unlink(missing_ok=True)
-        (out / "DONE").write_text(json.dumps(asdict(state)) + "\n")
+        write_text(out / "DONE", json.dumps(asdict(state)) + "\n")
         acc.print(f"done: {state.step} steps; model {out / 'model.safetensors'}"
                   + (f"; best {cfg.train.best_metric} {state.best:.4f} at step {state.best_step}"
                      if state.best_step >= 0 else ""), flush=True)
@@ -272,7 +281,7 @@ def _wandb_id(out: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = hashlib.sha1(f"{out.resolve()}{time.time()}".encode()).hexdigest()[:12]
-    path.write_text(run_id + "\n")
+    write_text(path, run_id + "\n")
     return run_id
 
 
