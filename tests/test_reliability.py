@@ -332,3 +332,26 @@ def test_9_score_refuses_columns_swapped_by_name(tmp_path: Path):
     write_labels(truth, masks, ["0.png", "1.png"], index_prefix="Pixel ")
     write_labels(pred, masks[[1, 0]], ["1.png", "0.png"], index_prefix="")
     one_line_error(run("score", "--pred", str(pred), "--truth", str(truth)), str(pred), "position")
+
+
+@pytest.mark.slow
+def test_1_two_ranks_never_mix_parts_of_two_checkpoints(ckpt: Path, shards: Path, tmp_path: Path):
+    b = other_checkpoint(ckpt, tmp_path / "b")
+    ref_b = tmp_path / "ref_b.csv"  # batch size 1: a slice's labels do not depend on its rank's batches
+    assert run(*predict_args(b, shards, shards, ref_b, "predict.batch_size=1")).returncode == 0
+
+    def launch(checkpoint: Path, out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(31500 + os.getpid() % 1000), "-m", "fsct",
+               *predict_args(checkpoint, shards, shards, out, "predict.batch_size=1")]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env=fsct_env() | {"ACCELERATE_USE_CPU": "1"} | env)
+
+    out = tmp_path / "sub.csv"
+    r = launch(ckpt, out, {"FSCT_TEST_KILL": "predict:part"})  # each rank dies once its part of A is written
+    assert r.returncode != 0 and list(parts_dir(out).glob("part-*-of-00002.npz"))
+    r = launch(b, out, {})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "already complete" not in r.stdout
+    assert out.read_bytes() == ref_b.read_bytes()  # all of it B's
