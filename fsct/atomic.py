@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,3 +57,27 @@ def atomic_file(out: Path | str) -> Iterator[Path]:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fault_point(name: str) -> None:
+    """Test hook: makes a crash or a full disk happen at an exact point, with no sleeps or races.
+    FSCT_TEST_KILL=name kills this process (as kill -9 would); FSCT_TEST_ENOSPC=name raises ENOSPC."""
+    if os.environ.get("FSCT_TEST_KILL") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("FSCT_TEST_ENOSPC") == name:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def remove_stale(out: Path | str) -> list[Path]:
+    """Remove the temporaries (`.NAME.tmp-*`, `.NAME.old-*`) that killed writers of `out` left beside it.
+    Only call this while holding `out`'s lock: then no live writer owns any of them."""
+    out = Path(out)
+    gone = []
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for p in out.parent.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone

@@ -8,6 +8,7 @@ part atomically, rank 0 merges when all parts exist. A re-run after a crash skip
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -18,11 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsct.atomic import atomic_file
-from fsct.config import Config, PredictConfig, load_config
+from fsct.atomic import atomic_file, fault_point, remove_stale
+from fsct.config import Config, PredictConfig, load_config, to_dict
 from fsct.data.challenge import list_images, read_image
 from fsct.data.shards import Pool, key_order, load_split, rank_subset
 from fsct.errors import FsctError
+from fsct.lock import locked
 from fsct.malloc import keep_freed_memory
 from fsct.model.panet import PANet
 from fsct.progress import track
@@ -33,6 +35,7 @@ OUT_SIZE = 512
 
 def load_checkpoint(path: Path | str, overrides: list[str] | None = None) -> tuple[PANet, Config]:
     """A folder with model.safetensors + config.yaml (a run's output dir, its best/, or the file itself)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -46,7 +49,7 @@ def load_checkpoint(path: Path | str, overrides: list[str] | None = None) -> tup
     model = PANet(cfg.model)
     try:
         model.load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, SafetensorError) as e:
         raise FsctError(f"{weights}: cannot load weights ({str(e).splitlines()[0]})") from e
     return model.eval(), cfg
 
@@ -187,17 +190,56 @@ def _batched(keys: list[str], n: int) -> Iterator[list[str]]:
 
 
 def predict(checkpoint: Path, support: Path, images: Path, out: Path, support_split: str = "train",
-            images_split: str = "test", overrides: list[str] | None = None) -> Path:
+            images_split: str = "test", overrides: list[str] | None = None, overwrite: bool = False) -> Path:
     from accelerate import Accelerator
 
+    if out.exists() and not overwrite:  # every rank refuses alike, before any work
+        raise FsctError(f"{out}: exists (pass --overwrite to replace it)")
     acc = Accelerator()
+    with locked(out, "submission", enabled=acc.is_main_process):
+        _predict_locked(acc, checkpoint, support, images, out, support_split, images_split, overrides)
+    return out
+
+
+def fingerprint(checkpoint_weights: Path, cfg: Config, support: Path, support_split: str, images: Path,
+                images_split: str, world: int) -> str:
+    """What a part depends on: the weights' bytes, the resolved config (predict settings included), the
+    support set and the test slices (their index or file listing), and how slices are split over ranks."""
+    h = hashlib.sha256()
+    with open(checkpoint_weights, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    h.update(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode())
+    for folder, split in ((support, support_split), (images, images_split)):
+        h.update(f"|{split}|".encode())
+        index = folder / "index.json"
+        if index.is_file():
+            h.update(index.read_bytes())
+        else:
+            for p in list_images(folder):
+                st = p.stat()
+                h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    h.update(f"|world={world}".encode())
+    return h.hexdigest()
+
+
+def _weights(checkpoint: Path) -> Path:
+    return checkpoint if checkpoint.suffix == ".safetensors" else checkpoint / "model.safetensors"
+
+
+def _predict_locked(acc, checkpoint: Path, support: Path, images: Path, out: Path, support_split: str,
+                    images_split: str, overrides: list[str] | None) -> None:
     rank, world, dev = acc.process_index, acc.num_processes, acc.device
     model, cfg = load_checkpoint(checkpoint, overrides)
     pcfg = cfg.predict
     model.to(dev)
+    fp = fingerprint(_weights(checkpoint), cfg, support, support_split, images, images_split, world)
+    if acc.is_main_process:
+        _prepare_parts(out, fp)
+    acc.wait_for_everyone()
     queries = query_source(images, images_split, rank, world)
     part = part_path(out, rank, world)
-    if _part_done(part, queries.keys):
+    if _part_done(part, queries.keys, fp):
         acc.print(f"rank {rank}: {part} already complete, skipped", flush=True)
     else:
         if pcfg.mode not in ("class", "partition"):
@@ -228,36 +270,64 @@ def predict(checkpoint: Path, support: Path, images: Path, out: Path, support_sp
                                               pcfg) for b in range(len(ks))])
                 masks.append(labels)
         arr = np.concatenate(masks) if masks else np.zeros((0, OUT_SIZE, OUT_SIZE), np.uint8)
-        with atomic_file(part) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, keys=np.array(queries.keys, dtype=str), masks=arr)
+        try:
+            with atomic_file(part) as tmp:
+                fault_point("predict:write-part")
+                with open(tmp, "wb") as f:
+                    np.savez(f, keys=np.array(queries.keys, dtype=str), masks=arr, fingerprint=np.array(fp))
+        except OSError as e:
+            raise FsctError(f"{part}: cannot write this rank's part ({e.strerror or e})") from e
+        fault_point("predict:part")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        merge_parts(out, world)
+        merge_parts(out, world, fp)
     acc.wait_for_everyone()
-    return out
 
 
-def _part_done(part: Path, keys: list[str]) -> bool:
+def _prepare_parts(out: Path, fp: str) -> None:
+    """Under the lock (rank 0): drop temporaries of killed runs, and parts made by another checkpoint,
+    config, support or test set (they would be wrong, and on a full disk they take the room)."""
+    remove_stale(out)
+    remove_stale(out.parent / f"{out.name}.keys.json")
+    parts = parts_dir(out)
+    stamp = parts / "FINGERPRINT"
+    if parts.exists() and not (stamp.is_file() and stamp.read_text().strip() == fp):
+        print(f"{parts}: parts of another checkpoint or setting, discarded", flush=True)
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        with atomic_file(stamp) as t:
+            t.write_text(fp + "\n")
+
+
+def _part_done(part: Path, keys: list[str], fp: str) -> bool:
     if not part.is_file():
         return False
     try:
         with np.load(part) as z:
-            return z["keys"].tolist() == keys and z["masks"].shape[0] == len(keys)
+            return (str(z["fingerprint"]) == fp and z["keys"].tolist() == keys
+                    and z["masks"].shape[0] == len(keys))
     except (OSError, ValueError, KeyError):
-        return False  # a corrupt part is recomputed
+        return False  # a corrupt part, or one without a fingerprint, is recomputed
 
 
-def merge_parts(out: Path, world: int) -> None:
+def merge_parts(out: Path, world: int, fp: str) -> None:
     keys, masks = [], []
     for r in range(world):
         with np.load(part_path(out, r, world)) as z:
+            if str(z["fingerprint"]) != fp:  # belt and braces: never merge a part of another run
+                raise FsctError(f"{part_path(out, r, world)}: made by another checkpoint or setting")
             keys += z["keys"].tolist()
             masks.append(z["masks"])
     order = sorted(range(len(keys)), key=lambda i: key_order(keys[i]))
     arr = np.concatenate(masks)[order]
-    write_submission(out, arr)
-    (out.parent / f"{out.name}.keys.json").write_text(json.dumps([keys[i] for i in order]))
+    try:
+        write_submission(out, arr)
+        with atomic_file(out.parent / f"{out.name}.keys.json") as t:
+            t.write_text(json.dumps([keys[i] for i in order]))
+    except OSError as e:
+        raise FsctError(f"{out}: cannot write the submission ({e.strerror or e}); the parts in "
+                        f"{parts_dir(out)} are kept: re-run to retry the merge") from e
     shutil.rmtree(parts_dir(out), ignore_errors=True)
     print(f"{out}: {len(keys)} slices", flush=True)
 
@@ -269,11 +339,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, required=True, help="shard folder (test split) or folder of PNGs")
     p.add_argument("--images-split", default="test")
     p.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. predict.tta_flip=true")
 
 
 def run(args: argparse.Namespace) -> int:
     keep_freed_memory()
     predict(args.checkpoint, args.support, args.images, args.out, args.support_split, args.images_split,
-            args.overrides)
+            args.overrides, args.overwrite)
     return 0

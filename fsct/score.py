@@ -1,8 +1,9 @@
 """`fsct score --pred FILE --truth Y_test.csv`: the official metric of a prediction file, and more.
 
-Both files are label CSVs in the challenge layout (pixels x slices). Slices are paired by column name when
-both headers hold names (e.g. "17.png", or "17": the ".png" is optional), by position when either header
-is the plain positions 0..n-1 (the organisers' submission format).
+Both files are label CSVs in the challenge layout (pixels x slices). The organisers pair slices by column
+position, so this does too; when both headers hold names (e.g. "17.png", or "17": the ".png" is optional)
+they must name the same slices in the same order, or the file is refused: a column-swapped file would
+score one way here and another way on the leaderboard.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _stem(name: str) -> str:
 
 def match_slices(pred_path: Path, pred_cols: list[str], truth_path: Path,
                  truth_cols: list[str]) -> tuple[list[int], str]:
-    """For each truth column, the index of its pred column, and how they were matched (name|position)."""
+    """For each truth column, the index of its pred column (always its own position: names, when both files
+    have them, must agree with positions), and how the pairing was checked (name|position)."""
     if len(pred_cols) != len(truth_cols):
         raise FsctError(f"{pred_path}: {len(pred_cols)} slices, but {truth_path} has {len(truth_cols)}")
     if _is_positional(pred_cols) or _is_positional(truth_cols):
@@ -53,12 +55,13 @@ def match_slices(pred_path: Path, pred_cols: list[str], truth_path: Path,
         if _stem(c) in by_name:
             raise FsctError(f"{pred_path}: columns '{pred_cols[by_name[_stem(c)]]}' and '{c}' name one slice")
         by_name[_stem(c)] = i
-    order = []
-    for c in truth_cols:
+    for k, c in enumerate(truth_cols):
         if _stem(c) not in by_name:
             raise FsctError(f"{pred_path}: no column for slice '{c}' of {truth_path}")
-        order.append(by_name[_stem(c)])
-    return order, "name"
+        if by_name[_stem(c)] != k:
+            raise FsctError(f"{pred_path}: column {k + 1} is '{pred_cols[k]}' but column {k + 1} of {truth_path} "
+                            f"is '{c}': the organisers pair columns by position, so put them in the same order")
+    return list(range(len(truth_cols))), "name"
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -27,12 +28,22 @@ from fsct.config import Config, load_config, save_config, to_dict
 from fsct.data.episodes import Batch, Episode, EpisodeSampler, EpisodeStream, PoolTensors, make_batch, step_generator
 from fsct.data.shards import Pool, load_split, rank_subset, read_index
 from fsct.errors import FsctError
+from fsct.lock import locked
 from fsct.malloc import keep_freed_memory
 from fsct.metrics import episode_miou, official_score_slice
 from fsct.model.panet import build_model
 from fsct.progress import is_terminal
-
-CKPT_PREFIX = "step_"
+from fsct.runs import (
+    CKPT_PREFIX,
+    PARTIAL,
+    EpisodeAudit,
+    checkpoints,
+    prepare_run_dir,
+    truncate_metrics,
+    write_json,
+    write_text,
+)
+from fsct.runs import find_checkpoint as _find_checkpoint
 
 
 @dataclass
@@ -84,15 +95,8 @@ def resolve_precision(cfg: Config) -> str:
 
 
 def find_checkpoint(out: Path, resume: str | None) -> Path | None:
-    if not resume:
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            raise FsctError(f"{path}: not a checkpoint (no trainer_state.json)")
-        return path
-    found = sorted((out / "checkpoints").glob(f"{CKPT_PREFIX}*/trainer_state.json"))
-    return found[-1].parent if found else None
+    """`resume` itself, or with 'auto' the newest complete and loadable checkpoint (see fsct.runs)."""
+    return _find_checkpoint(out, resume)
 
 
 def param_digest(model: nn.Module, buffers: bool = False) -> str:
@@ -105,7 +109,18 @@ def param_digest(model: nn.Module, buffers: bool = False) -> str:
     return h.hexdigest()[:16]
 
 
-def train(cfg: Config, resume: str | None = None) -> TrainerState:
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> TrainerState:
+    """One writer per output dir (a lock held by the main process), and never into another run's dir
+    unless asked to continue it (--resume) or replace it (--overwrite)."""
+    out = Path(cfg.train.output_dir)
+    # Before the Accelerator exists: `accelerate launch` (torchrun) names each process's global rank.
+    main = int(os.environ.get("RANK", "0")) == 0
+    with locked(out, "run dir", enabled=main):
+        prepare_run_dir(out, resume, overwrite, main)  # other ranks only read; nothing they do races it
+        return _train(cfg, resume)
+
+
+def _train(cfg: Config, resume: str | None) -> TrainerState:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -136,11 +151,19 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
     step_fn, opt = acc.prepare(model, opt)
 
     state = TrainerState()
-    ckpt = find_checkpoint(out, resume)
+    ckpt = _find_checkpoint(out, resume, log=lambda m: acc.print(m, flush=True))
     if ckpt is not None:
-        acc.load_state(str(ckpt))
+        try:
+            acc.load_state(str(ckpt))
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError) as e:
+            raise FsctError(f"{ckpt}: cannot load checkpoint ({str(e).splitlines()[0]}); pass --resume "
+                            "with an older checkpoints/step_* dir") from e
         state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
         acc.print(f"resumed from {ckpt} at step {state.step}", flush=True)
+    elif resume == "auto" and checkpoints(out):
+        raise FsctError(f"{out / 'checkpoints'}: no loadable checkpoint to resume from")
+    if acc.is_main_process:
+        truncate_metrics(out / "metrics.jsonl", state.step)  # rows after the checkpoint come again
     if acc.is_main_process and state.wandb_id is None:
         state.wandb_id = _wandb_id(out)
     if use_wandb:
@@ -150,7 +173,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
             "resume": "allow", "dir": str(out)}})
 
     batches = episode_batches(cfg, sampler, pool, sp_pool, state.step, dev)
-    drawn = hashlib.sha256()  # which slices this rank trained on, for the audit in rank{r}.json
+    drawn = EpisodeAudit.load(ckpt, rank)  # which slices this rank trained on, for the audit in rank{r}.json
     progress = _Progress(cfg, acc.is_main_process, state.step)
     log_t, log_eps = time.perf_counter(), 0
     while state.step < cfg.train.max_steps:
@@ -173,6 +196,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         state.step += 1
+        drawn.end_step()
         log_eps += cfg.episodes.episodes_per_step * cfg.optim.grad_accum * world
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
@@ -208,29 +232,29 @@ def train(cfg: Config, resume: str | None = None) -> TrainerState:
                 break
 
         if _stop_requested(acc, stop):
-            _checkpoint(acc, out, state, cfg)
+            _checkpoint(acc, out, state, cfg, drawn)
             if acc.is_main_process:
                 (out / "PREEMPT").unlink(missing_ok=True)
-                (out / "PREEMPTED").write_text(f"{state.step}\n")
+                write_text(out / "PREEMPTED", f"{state.step}\n")
             progress.close()
             acc.print(f"preempted: checkpoint saved at step {state.step}", flush=True)
             acc.end_training()
             return state
         if cfg.train.save_every > 0 and state.step % cfg.train.save_every == 0:
-            _checkpoint(acc, out, state, cfg)
+            _checkpoint(acc, out, state, cfg, drawn)
 
     progress.close()
-    _checkpoint(acc, out, state, cfg)
+    _checkpoint(acc, out, state, cfg, drawn)
     _save_model(acc, step_fn, cfg, out)
     final = acc.unwrap_model(step_fn)
-    (out / f"rank{rank}.json").write_text(json.dumps({
+    write_json(out / f"rank{rank}.json", {
         "rank": rank, "step": state.step, "params": param_digest(final),
         "state": param_digest(final, buffers=True), "pool_keys": pool.keys,
         "episodes": state.step * cfg.optim.grad_accum * cfg.episodes.episodes_per_step,
-        "episodes_digest": drawn.hexdigest()[:16]}))
+        "episodes_digest": drawn.digest[:16]})
     if acc.is_main_process:
         (out / "PREEMPTED").unlink(missing_ok=True)
-        (out / "DONE").write_text(json.dumps(asdict(state)) + "\n")
+        write_text(out / "DONE", json.dumps(asdict(state)) + "\n")
         acc.print(f"done: {state.step} steps; model {out / 'model.safetensors'}"
                   + (f"; best {cfg.train.best_metric} {state.best:.4f} at step {state.best_step}"
                      if state.best_step >= 0 else ""), flush=True)
@@ -259,7 +283,7 @@ def _wandb_id(out: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = hashlib.sha1(f"{out.resolve()}{time.time()}".encode()).hexdigest()[:12]
-    path.write_text(run_id + "\n")
+    write_text(path, run_id + "\n")
     return run_id
 
 
@@ -387,13 +411,28 @@ def _log_panel(acc, panel: list, step: int) -> None:
     acc.get_tracker("wandb", unwrap=True).log({"val/queries": images}, step=step)
 
 
-def _checkpoint(acc, out: Path, state: TrainerState, cfg: Config) -> None:
-    path = out / "checkpoints" / f"{CKPT_PREFIX}{state.step:08d}"
+def _checkpoint(acc, out: Path, state: TrainerState, cfg: Config, audit: EpisodeAudit) -> None:
+    """Written under a hidden name and renamed into place once complete: a kill at any point leaves
+    either no checkpoint of this step or a whole one."""
+    name = f"{CKPT_PREFIX}{state.step:08d}"
+    path, partial = out / "checkpoints" / name, out / "checkpoints" / f"{PARTIAL}{name}"
     acc.wait_for_everyone()
-    acc.save_state(str(path))
     if acc.is_main_process:
-        (path / "trainer_state.json").write_text(json.dumps(asdict(state)))
-        old = sorted((out / "checkpoints").glob(f"{CKPT_PREFIX}*"))
+        shutil.rmtree(partial, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(partial))
+    audit.save(partial, acc.process_index, state.step)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_json(partial / "trainer_state.json", asdict(state))
+        if path.exists():  # the same step saved again (a resume that had nothing left to do)
+            old = path.with_name(f"{PARTIAL}old-{name}")
+            path.rename(old)
+            os.replace(partial, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, path)
+        old = checkpoints(out)
         for stale in old[: max(0, len(old) - max(1, cfg.train.keep_checkpoints))]:
             shutil.rmtree(stale, ignore_errors=True)
     acc.wait_for_everyone()
@@ -449,11 +488,12 @@ class _Progress:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file (configs/*.yaml)")
     p.add_argument("--resume", help="auto (newest checkpoint in the output dir, if any) or a checkpoint dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in the output dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100")
 
 
 def run(args: argparse.Namespace) -> int:
     keep_freed_memory()
     cfg = load_config(args.config, args.overrides)
-    train(cfg, args.resume)
+    train(cfg, args.resume, args.overwrite)
     return 0

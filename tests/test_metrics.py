@@ -260,13 +260,20 @@ def test_fsct_score_matches_by_name_and_refuses_mismatches(tmp_path):
     pred = _toy_masks(8, 3)
     truth_csv, pred_csv, out = tmp_path / "truth.csv", tmp_path / "pred.csv", tmp_path / "s.json"
     _write_csv(truth_csv, truth, ["0.png", "1.png", "2.png"], index_prefix="Pixel ")
-    # Named columns in another order: paired by name, not position.
-    _write_csv(pred_csv, pred[[2, 0, 1]], ["2.png", "0.png", "1.png"])
+    # Named columns in the truth's order: names checked, paired by position.
+    _write_csv(pred_csv, pred, ["0", "1", "2.png"])
     proc = _score("--pred", str(pred_csv), "--truth", str(truth_csv), "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert res["matched_by"] == "name"
     assert res["per_slice"]["official"] == pytest.approx(metrics.official_score(truth, pred)[1].tolist())
+
+    # Named columns in another order: the organisers pair by position, so this is refused (issue 15, item 9),
+    # not silently re-paired by name into a score the leaderboard would not give.
+    _write_csv(pred_csv, pred[[2, 0, 1]], ["2.png", "0.png", "1.png"])
+    proc = _score("--pred", str(pred_csv), "--truth", str(truth_csv))
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "'2.png'" in proc.stderr and "position" in proc.stderr and str(pred_csv) in proc.stderr
 
     _write_csv(pred_csv, pred[:2], ["0.png", "1.png"])
     proc = _score("--pred", str(pred_csv), "--truth", str(truth_csv))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fsct.data.shards import load_split
-from fsct.predict import load_checkpoint, part_path, predict_batch, support_prototypes
+from fsct.predict import fingerprint, load_checkpoint, part_path, predict_batch, support_prototypes
 from fsct.submission import read_submission
 from tests.conftest import REPO, fsct, fsct_env
 
@@ -86,8 +86,12 @@ def test_rerun_reuses_finished_parts_and_redoes_corrupt_ones(checkpoint: Path, s
     part = part_path(out, 0, 1)
     part.parent.mkdir(parents=True)
     planted = np.full((len(keys), 512, 512), 7, np.uint8)  # what a crashed earlier run left behind
+    # made by this checkpoint and these settings: parts carry that fingerprint (issue 15)
+    _, cfg = load_checkpoint(checkpoint, ["predict.batch_size=3"])
+    fp = fingerprint(checkpoint / "model.safetensors", cfg, shards, "train", shards, "test", 1)
+    (part.parent / "FINGERPRINT").write_text(fp + "\n")
     with open(part, "wb") as f:
-        np.savez(f, keys=np.array(keys, dtype=str), masks=planted)
+        np.savez(f, keys=np.array(keys, dtype=str), masks=planted, fingerprint=np.array(fp))
     r = fsct(*predict_args(checkpoint, shards, out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already complete, skipped" in r.stdout
@@ -96,7 +100,7 @@ def test_rerun_reuses_finished_parts_and_redoes_corrupt_ones(checkpoint: Path, s
 
     part.parent.mkdir(parents=True)
     part.write_bytes(b"half a file")
-    r = fsct(*predict_args(checkpoint, shards, out))
+    r = fsct(*predict_args(checkpoint, shards, out, "--overwrite"))
     assert r.returncode == 0 and "skipped" not in r.stdout
     _, masks = read_submission(out)
     assert not (masks == 7).all()

@@ -109,7 +109,7 @@ def run_comparison(args: argparse.Namespace) -> dict:
     for model_sys in SYSTEMS:
         run = work / f"run_{model_sys}"
         if not (run / "DONE").is_file():
-            sh(FSCT + ["train", f"train.output_dir={run}"] + budget + SYSTEMS[model_sys][0], env)
+            sh(FSCT + ["train", "--resume", "auto", f"train.output_dir={run}"] + budget + SYSTEMS[model_sys][0], env)
         for pred_sys in SYSTEMS:
             pred = work / f"pred_{model_sys}{pred_sys}.csv"
             if not pred.is_file():

@@ -46,7 +46,7 @@ def main() -> None:
     for name, shards in data.items():
         for variant in ("panet", "seed"):
             run = a.work / f"{name}-{variant}"
-            fsct("train", "--config", a.config, f"data.shards={shards}", f"train.output_dir={run}",
+            fsct("train", "--overwrite", "--config", a.config, f"data.shards={shards}", f"train.output_dir={run}",
                  f"model.variant={variant}", "train.val_episodes=30", *a.overrides)
             results[f"{name}/{variant}"] = last_val(run)
     (a.work / "results.json").write_text(json.dumps(results, indent=1))

@@ -85,7 +85,7 @@ def main() -> None:
        f"train.max_steps={a.steps}", *a.overrides)
     submission = out / "submission.csv"
     sh("predict", "--checkpoint", str(run / "best" if (run / "best").is_dir() else run), "--support", str(shards),
-       "--images", str(shards), "--out", str(submission))
+       "--images", str(shards), "--out", str(submission), "--overwrite")
     sh("validate-submission", str(submission), "--images", str(data / "X_test" / "images"))
     sh("score", "--pred", str(submission), "--truth", str(data / "Y_test.csv"), "--json", str(out / "score.json"))
     picture = panel(out, data, submission)

@@ -8,10 +8,13 @@ docs/PERFORMANCE.md), `mask.png` (label maps are mostly flat, so PNG is ~1 KB an
 from __future__ import annotations
 
 import argparse
+import ctypes
+import hashlib
 import io
 import json
 import os
 import shutil
+import signal
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -22,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fsct.atomic import atomic_file
+from fsct.atomic import atomic_file, fault_point, remove_stale
 from fsct.data.challenge import column_to_image, list_images, read_image, read_labels
 from fsct.errors import FsctError
+from fsct.lock import locked
 from fsct.progress import track
 
 INDEX = "index.json"
@@ -93,15 +97,17 @@ def build_sample(job: Job) -> dict[str, bytes]:
 class SplitWriter:
     """Writes `{split}-{000000..}.tar`, starting a new shard by sample count or bytes."""
 
-    def __init__(self, folder: Path, split: str, max_count: int, max_bytes: int):
+    def __init__(self, folder: Path, split: str, max_count: int, max_bytes: int, generation: int = 0):
         self.folder, self.split, self.max_count, self.max_bytes = folder, split, max_count, max_bytes
+        # Each commit writes new file names, so a new split's tars never replace a listed one in place.
+        self.prefix = split if generation == 0 else f"{split}-g{generation:06d}"
         self.shards: list[dict] = []
         self.samples: dict[str, dict] = {}
         self.classes: dict[str, list[list[str]]] = {}
         self._tar: tarfile.TarFile | None = None
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):06d}.tar"
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)
         self.shards.append({"name": name, "n_samples": 0, "bytes": 0})
 
@@ -132,6 +138,7 @@ class SplitWriter:
             self._tar = None
             last = self.shards[-1]
             last["bytes"] = (self.folder / last["name"]).stat().st_size
+            last["sha256"] = file_sha256(self.folder / last["name"])
 
     def summary(self) -> dict:
         classes = {c: self.classes[c] for c in sorted(self.classes, key=int)}
@@ -185,7 +192,19 @@ def shard_dataset(images: Path, labels: Path | None, out: Path, split: str | Non
     else:
         assignment = assign_splits([p.stem for p in paths], masks, val_fraction, seed)
 
+    with locked(out, "shard folder"):
+        return _write_locked(paths, masks, assignment, source, labels, out, val_fraction, val_classes,
+                             seed, max_count, max_bytes, image_encoding, superpixels, workers, overwrite,
+                             progress, lut if val_classes and labels is not None else None)
+
+
+def _write_locked(paths, masks, assignment, source, labels, out, val_fraction, val_classes, seed, max_count,
+                  max_bytes, image_encoding, superpixels, workers, overwrite, progress, lut) -> dict:
+    remove_stale(out)  # we hold the lock: temporaries beside `out` belong to killed writers
+    remove_stale(out / INDEX)
     existing = _read_index(out) if (out / INDEX).is_file() else None
+    if existing is not None:
+        _remove_unlisted(out, existing)
     if out.exists() and existing is None and any(out.iterdir()):
         if not overwrite:
             raise FsctError(f"{out}: output exists and is not an fsct shard folder (pass --overwrite)")
@@ -194,17 +213,18 @@ def shard_dataset(images: Path, labels: Path | None, out: Path, split: str | Non
         clash = [s for s in new_splits if s in existing["splits"]]
         if clash:
             raise FsctError(f"{out}: split(s) {', '.join(clash)} exist (pass --overwrite to replace them)")
+    generation = existing.get("generation", 0) + 1 if existing is not None else 0
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        writers = {s: SplitWriter(tmp, s, max_count, max_bytes) for s in new_splits}
+        writers = {s: SplitWriter(tmp, s, max_count, max_bytes, generation) for s in new_splits}
         jobs = []
         for p in paths:
             m = masks[p.stem]
             s = assignment[p.stem]
-            if m is not None and s == "train" and val_classes:
+            if m is not None and s == "train" and lut is not None:
                 m = lut[m]
             if m is not None and not m.any():
                 m = None
@@ -212,11 +232,12 @@ def shard_dataset(images: Path, labels: Path | None, out: Path, split: str | Non
         for sample, job in zip(track(_map(build_sample, jobs, workers), total=len(jobs), desc="shard",
                                      enabled=progress), jobs, strict=True):
             writers[assignment[job.key]].write(sample)
+            fault_point("shard:sample")
         for w in writers.values():
             w.close()
         index = existing if existing is not None else {"version": VERSION, "splits": {}}
         index.update({"version": VERSION, "encoding": {"img": image_encoding, "mask": "png"},
-                      "seed": seed, "val_fraction": val_fraction})
+                      "seed": seed, "val_fraction": val_fraction, "generation": generation})
         if labels is not None:
             index["val_classes"] = val_classes
         index.setdefault("val_classes", [])
@@ -225,7 +246,10 @@ def shard_dataset(images: Path, labels: Path | None, out: Path, split: str | Non
             index["splits"][s] = writers[s].summary()
             index["sources"][s] = source
         index["stats"] = _dataset_stats(index)
-        _commit(tmp, out, index, new_splits, existing is not None)
+        _commit(tmp, out, index, existing is not None)
+    except OSError as e:  # a full disk, most often: the old index and tars are untouched
+        what = f"{e.strerror}: {e.filename}" if e.filename else (e.strerror or str(e))
+        raise FsctError(f"{out}: shard write failed ({what}); nothing was changed") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return index
@@ -239,30 +263,77 @@ def _dataset_stats(index: dict) -> dict:
             "n_classes": len(classes)}
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: the kernel kills this worker when the `fsct shard` process dies (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: workers then exit on their own at their next job (a broken pipe)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _map(fn, jobs: list, workers: int | None) -> Iterator:
     workers = workers or os.cpu_count() or 1
     if workers <= 1 or len(jobs) < 8:
         yield from map(fn, jobs)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool:
         yield from pool.map(fn, jobs, chunksize=8)
 
 
-def _commit(tmp: Path, out: Path, index: dict, splits: list[str], merge: bool) -> None:
-    """Move the finished shards into place; index.json is replaced last, atomically."""
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_index(path: Path, index: dict) -> None:
+    with atomic_file(path) as t:
+        with open(t, "w") as f:
+            f.write(json.dumps(index, indent=1, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _commit(tmp: Path, out: Path, index: dict, merge: bool) -> None:
+    """Switch `out` over to `index` in one atomic rename; a crash before it leaves the old index and tars
+    as they were (plus unlisted new tars, removed by the next run), a crash after it leaves unlisted old
+    tars (likewise removed). Readers only open tars the index lists."""
     if not merge:
-        (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
+        _write_index(tmp / INDEX, index)
+        fault_point("shard:before-rename")
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
         return
-    for s in splits:
-        for old in out.glob(f"{s}-*.tar"):
-            old.unlink()
-        for f in sorted(tmp.glob(f"{s}-*.tar")):
+    moved = []
+    try:
+        for f in sorted(tmp.glob("*.tar")):  # new generation: names no listed tar has
             f.rename(out / f.name)
-    with atomic_file(out / INDEX) as t:
-        t.write_text(json.dumps(index, indent=1, sort_keys=True))
+            moved.append(out / f.name)
+        fault_point("shard:before-index")
+        _write_index(out / INDEX, index)
+    except BaseException:
+        for m in moved:
+            m.unlink(missing_ok=True)
+        raise
+    fault_point("shard:after-index")
+    _remove_unlisted(out, index)
+
+
+def _remove_unlisted(out: Path, index: dict) -> None:
+    """Tars in `out` that the index does not list: left by a merge that was killed. Call under the lock."""
+    listed = {s["name"] for info in index["splits"].values() for s in info["shards"]}
+    for t in out.glob("*.tar"):
+        if t.name not in listed:
+            t.unlink(missing_ok=True)
 
 
 def _read_index(folder: Path) -> dict:
@@ -344,7 +415,7 @@ def load_split(folder: Path | str, split: str, shard_names: list[str] | None = N
     names = shard_names if shard_names is not None else [s["name"] for s in index["splits"][split]["shards"]]
     out_keys, imgs, msks, sps, cls = [], [], [], [], []
     for name in names:
-        for s in iter_shard(folder / name):
+        for s in checked_shard(folder, index, split, name):
             if keys is not None and s["__key__"] not in keys:
                 continue
             img = next(v for k, v in s.items() if k.startswith("img."))
@@ -361,6 +432,37 @@ def load_split(folder: Path | str, split: str, shard_names: list[str] | None = N
     return Pool(out_keys, stack(imgs) if n else empty, stack(msks), stack(sps), cls)
 
 
+def checked_shard(folder: Path, index: dict, split: str, name: str) -> Iterator[dict]:
+    """The samples of one listed tar, after checking it against index.json: size and checksum first, then
+    exactly the listed keys in order. A disagreement stops with one line naming the tar."""
+    info = index["splits"][split]
+    entry = next((s for s in info["shards"] if s["name"] == name), None)
+    path = folder / name
+    if entry is None:
+        raise FsctError(f"{path}: not listed for split {split} in {folder / INDEX}")
+    if not path.is_file():
+        raise FsctError(f"{path}: listed in {folder / INDEX} but missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise FsctError(f"{path}: {size} bytes, {folder / INDEX} says {entry['bytes']} (damaged or replaced; "
+                        "re-run `fsct shard`)")
+    if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+        raise FsctError(f"{path}: checksum differs from {folder / INDEX} (damaged; re-run `fsct shard`)")
+    expected = {k for k, v in info["samples"].items() if v["shard"] == name}
+    seen: set[str] = set()
+    try:
+        for s in iter_shard(path):
+            key = s["__key__"]
+            if key not in expected or key in seen:
+                raise FsctError(f"{path}: sample '{key}' is not listed (once) for this tar in {folder / INDEX}")
+            seen.add(key)
+            yield s
+    except (tarfile.TarError, OSError, ValueError, KeyError) as e:
+        raise FsctError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    if len(seen) != len(expected):
+        raise FsctError(f"{path}: {len(seen)} samples, {folder / INDEX} lists {len(expected)}")
+
+
 def verify(folder: Path) -> dict[str, int]:
     """Re-read every shard against index.json; raise FsctError on the first disagreement."""
     index = _read_index(folder)
@@ -373,6 +475,8 @@ def verify(folder: Path) -> dict[str, int]:
                 raise FsctError(f"{path}: listed in index.json but missing")
             if path.stat().st_size != shard["bytes"]:
                 raise FsctError(f"{path}: {path.stat().st_size} bytes, index.json says {shard['bytes']}")
+            if "sha256" in shard and file_sha256(path) != shard["sha256"]:
+                raise FsctError(f"{path}: checksum differs from index.json")
             n = 0
             try:
                 for s in iter_shard(path):
@@ -386,6 +490,11 @@ def verify(folder: Path) -> dict[str, int]:
         if seen != info["n_samples"]:
             raise FsctError(f"{folder}: split {split} has {seen} samples, index.json says {info['n_samples']}")
         counts[split] = seen
+    listed = {s["name"] for info in index["splits"].values() for s in info["shards"]}
+    unlisted = sorted(t.name for t in folder.glob("*.tar") if t.name not in listed)
+    if unlisted:
+        raise FsctError(f"{folder / unlisted[0]}: not listed in index.json (left by an interrupted write; "
+                        "the next `fsct shard --out` into this folder removes it)")
     return counts
 
 

@@ -1,0 +1,189 @@
+"""A training run's output dir: what is in it, whether a new `fsct train` may write there, which
+checkpoint a resume can trust, and the small records that must survive a crash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from fsct.atomic import atomic_file, remove_stale
+from fsct.errors import FsctError
+
+CKPT_PREFIX = "step_"
+PARTIAL = ".partial-"
+# What `fsct train` writes into its output dir (and what --overwrite removes; nothing else is touched).
+RUN_FILES = ("checkpoints", "best", "model.safetensors", "config.yaml", "metrics.jsonl", "DONE", "PREEMPTED",
+             "PREEMPT", "wandb_id.txt", "wandb")
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Committed checkpoints, oldest first (a checkpoint is renamed into place only once complete)."""
+    return sorted(p for p in (out / "checkpoints").glob(f"{CKPT_PREFIX}*") if p.is_dir())
+
+
+def describe_run(out: Path) -> str | None:
+    """'finished', 'unfinished (...)' or None when `out` holds no training a new run could destroy."""
+    if (out / "DONE").is_file():
+        return "finished run"
+    ckpts = checkpoints(out)
+    if ckpts:
+        return f"unfinished run (newest checkpoint {ckpts[-1].name})"
+    if (out / "model.safetensors").is_file():
+        return "run with a model"
+    return None
+
+
+def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, main: bool) -> None:
+    """Refuse to train into a dir that holds a run unless asked to continue it (--resume) or replace it
+    (--overwrite). Read-only on every rank but the main one, which clears the old run for --overwrite."""
+    if resume and overwrite:
+        raise FsctError("--resume and --overwrite exclude each other (continue the run, or replace it)")
+    found = describe_run(out)
+    if found is not None and not resume and not overwrite:
+        raise FsctError(f"{out}: holds a {found}; pass --resume auto to continue it or --overwrite to "
+                        "replace it (or choose another train.output_dir)")
+    if not main:
+        return
+    if overwrite:
+        for name in (*RUN_FILES, *(p.name for p in out.glob("rank*.json"))):
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    for partial in (out / "checkpoints").glob(f"{PARTIAL}*"):  # checkpoints a killed run did not finish
+        shutil.rmtree(partial, ignore_errors=True)
+    for name in ("metrics.jsonl", "wandb_id.txt"):  # atomic rewrites a kill interrupted
+        remove_stale(out / name)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """The header names every tensor's byte range: a short or empty file cannot match it."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is {size} bytes"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            return f"{path.name} is truncated (header of {n} bytes in a {size}-byte file)"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"{path.name} has a corrupt header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{path.name} is {size} bytes, its header says {8 + n + end}"
+    return None
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a checkpoint file cannot be loaded, judged without loading it; None when it looks whole."""
+    if path.suffix == ".safetensors":
+        return _safetensors_problem(path)
+    if path.suffix == ".bin" and zipfile.is_zipfile(path):  # torch.save's zip layout: CRC-check members
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{path.name}: {e}"
+        return f"{path.name}: member {bad} is damaged" if bad else None
+    if path.suffix in (".bin", ".pkl", ".pt") and path.stat().st_size == 0:
+        return f"{path.name} is empty"
+    if path.suffix in (".bin", ".pt"):
+        return f"{path.name} is not a torch zip file"
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return "trainer_state.json is corrupt"
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            problem = file_problem(f)
+            if problem:
+                return problem
+    return None
+
+
+def find_checkpoint(out: Path, resume: str | None, log: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from: `resume` itself, or with 'auto' the newest complete and loadable one
+    in `out` (saying which newer ones it skipped and why); None when 'auto' finds none."""
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        problem = checkpoint_problem(path) if path.is_dir() else "not a folder"
+        if problem:
+            raise FsctError(f"{path}: not a usable checkpoint ({problem})")
+        return path
+    for path in reversed(checkpoints(out)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log(f"skipped checkpoint {path}: {problem}")
+    return None
+
+
+def write_text(path: Path, text: str) -> None:
+    """A small state file, replaced whole: a reader never sees half of it."""
+    with atomic_file(path) as t:
+        t.write_text(text)
+
+
+def write_json(path: Path, value: object) -> None:
+    write_text(path, json.dumps(value))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of steps <= `step` (those a resume from `step` does not log again); atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the crash
+        if row.get("step", 0) <= step:
+            keep.append(line + "\n")
+    with atomic_file(path) as t:
+        t.write_text("".join(keep))
+
+
+class EpisodeAudit:
+    """A digest of every episode a rank trained on, chained step by step so that a checkpoint can carry it
+    and a resumed run ends with the digest an uninterrupted one would have."""
+
+    def __init__(self, digest: str = ""):
+        self.digest = digest
+        self._h = hashlib.sha256(digest.encode())
+
+    def update(self, data: bytes) -> None:
+        self._h.update(data)
+
+    def end_step(self) -> None:
+        self.digest = self._h.hexdigest()
+        self._h = hashlib.sha256(self.digest.encode())
+
+    @staticmethod
+    def path(ckpt: Path, rank: int) -> Path:
+        return ckpt / f"audit_rank{rank}.json"
+
+    def save(self, ckpt: Path, rank: int, step: int) -> None:
+        write_json(self.path(ckpt, rank), {"step": step, "episodes_digest": self.digest})
+
+    @classmethod
+    def load(cls, ckpt: Path | None, rank: int) -> EpisodeAudit:
+        if ckpt is None or not cls.path(ckpt, rank).is_file():
+            return cls()
+        return cls(json.loads(cls.path(ckpt, rank).read_text())["episodes_digest"])
