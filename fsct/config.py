@@ -88,8 +88,10 @@ class TrainConfig:
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
     save_every: int = 200
     keep_checkpoints: int = 2
-    image_every: int = 100  # W&B panel of query predictions every this many steps; 0 = never
-    tracker: Literal["none", "wandb", "tensorboard", "mlflow"] = "none"
+    # W&B panel of query predictions at the first validation at least this many steps after the last; 0 = never
+    image_every: int = 100
+    tracker: Literal["none", "wandb", "tensorboard", "mlflow"] = "none"  # accelerate's log_with
+    log_model: bool = False  # wandb: log the best model (model.safetensors + config.yaml) as an artifact
     project: str = "fsct"
     entity: str | None = None
     run_name: str | None = None
