@@ -30,6 +30,14 @@ def sh(*args: str) -> None:
     print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
 
+def spread_over_levels(data: Path, n: int) -> list[int]:
+    """Indices of n test slices spread from thorax to hips (synth.json records each slice's level), so the
+    picture shows different anatomy rather than n near-identical slices."""
+    slices = json.loads((data / "synth.json").read_text())["slices"]["test"]
+    by_level = sorted(range(len(slices)), key=lambda i: slices[i]["level"])
+    return [by_level[round(q * (len(by_level) - 1))] for q in np.linspace(0, 1, n)]
+
+
 def panel(out: Path, data: Path, submission: Path, n: int = 4) -> Path:
     from PIL import Image
 
@@ -37,16 +45,43 @@ def panel(out: Path, data: Path, submission: Path, n: int = 4) -> Path:
     from fsct.submission import read_submission
     from fsct.viz import grid, overlay
 
-    images = list_images(data / "X_test" / "images")[:n]
+    images = list_images(data / "X_test" / "images")
     _, truth = read_labels(data / "Y_test.csv")
     _, pred = read_submission(submission)
-    rows = []
-    for i, p in enumerate(images):
-        img = np.asarray(Image.open(p))
+    levels = {s["name"]: s["level"] for s in json.loads((data / "synth.json").read_text())["slices"]["test"]}
+    rows, titles = [], []
+    for i in spread_over_levels(data, n):
+        img = np.asarray(Image.open(images[i]))
         rows.append([img, overlay(img, truth[i]), overlay(img, pred[i])])
-    titles = [[f"test {p.stem}", "truth", "prediction"] for p in images]
+        titles.append([f"test {images[i].stem} (level {levels[images[i].name]:.2f})", "truth", "prediction"])
     path = out / "predictions.png"
     grid(rows, titles).save(path)
+    return path
+
+
+def curve(out: Path, run: Path, keys: tuple[str, ...] = ("train/loss", "val/miou", "val/ari_fg")) -> Path:
+    """metrics.jsonl -> a small line chart (PIL only: no plotting library for one picture)."""
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    w, h, pad = 640, 300, 40
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    colours = {"train/loss": (200, 60, 40), "val/miou": (40, 90, 200), "val/ari_fg": (30, 150, 60)}
+    last = max((r["step"] for r in rows), default=1)
+    d.rectangle([pad, pad // 2, w - pad // 2, h - pad], outline=(150, 150, 150))
+    for k, key in enumerate(keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if not pts:
+            continue
+        top = max(max(v for _, v in pts), 1e-9) if key == "train/loss" else 1.0  # val metrics are in [0, 1]
+        xy = [(pad + (s / last) * (w - 1.5 * pad), h - pad - (v / top) * (h - 1.5 * pad)) for s, v in pts]
+        d.line(xy, fill=colours.get(key, (0, 0, 0)), width=2)
+        d.text((pad + 5 + 150 * k, 4), key + (" (/max)" if key == "train/loss" else ""), fill=colours.get(key))
+    d.text((pad, h - pad + 6), "step 0", fill=(0, 0, 0))
+    d.text((w - pad - 40, h - pad + 6), f"step {last}", fill=(0, 0, 0))
+    path = out / "training_curve.png"
+    im.save(path)
     return path
 
 
@@ -67,17 +102,19 @@ def main() -> None:
     shutil.rmtree(run, ignore_errors=True)  # a demo starts fresh; real runs use --resume auto
     sh("train", "--config", a.config, f"data.shards={shards}", f"train.output_dir={run}", *a.overrides)
     submission = out / "submission.csv"
+    # predict settings (mode, partition_split, ...) come from the checkpoint's config.yaml, i.e. from --config
     sh("predict", "--checkpoint", str(run / "best" if (run / "best").is_dir() else run), "--support", str(shards),
        "--images", str(shards), "--out", str(submission))
     sh("validate-submission", str(submission), "--images", str(data / "X_test" / "images"))
     sh("score", "--pred", str(submission), "--truth", str(data / "Y_test.csv"), "--json", str(out / "score.json"))
     picture = panel(out, data, submission)
+    chart = curve(out, run)
     score = json.loads((out / "score.json").read_text())
     print(f"\ndemo done in {time.perf_counter() - t0:.0f}s")
     for what, path in [("synthetic data", data), ("contact sheet", data / "contact_sheet.png"),
                        ("shards", shards), ("run (config, checkpoints, model)", run),
                        ("submission", submission), ("score", out / "score.json"),
-                       ("test slices: truth vs prediction", picture)]:
+                       ("test slices: truth vs prediction", picture), ("training curve", chart)]:
         print(f"  {what:<34} {path}")
     print(f"  official score (ARI on truth foreground): {score['official']['mean']:.4f}"
           if isinstance(score.get("official"), dict) else "")
