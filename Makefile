@@ -1,21 +1,44 @@
-# One entry point for humans and CI. PYTHON may point at any interpreter; `make install` puts the CPU
-# wheel of torch first when none is installed, because a bare `torch` requirement pulls a multi-GB CUDA build.
-PYTHON ?= $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
+# One entry point for humans and CI: `make demo`, `make test` work on a fresh clone with a stock Python.
+# Interpreter: the active virtualenv/conda env when there is one, else .venv here (made on first use), because
+# a system Python refuses pip installs (PEP 668). PYTHON=... picks any other interpreter.
+ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
+PYTHON ?= python
+else
+PYTHON ?= .venv/bin/python
+endif
+# torch: the CPU wheel where no NVIDIA GPU answers (the default wheel is a multi-GB CUDA build), from
+# TORCH_INDEX; where that index cannot be reached (offline mirrors), fall back at once to the configured index.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 FSCT := $(PYTHON) -m fsct
 DEMO := outputs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench bench-shard bench-gpu bench-submission clean
+.PHONY: install install-torch demo test lint bench bench-shard bench-gpu bench-submission clean
 
-install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
-	@$(PYTHON) -c "import fsct, pytest, ruff" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[dev]"
+.venv/bin/python:
+	python3 -m venv .venv
+
+install: $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(MAKE) --no-print-directory install-torch
+	@$(PYTHON) -c "import importlib.metadata as m; [m.version(p) for p in ('fsct', 'pytest', 'ruff')]" 2>/dev/null \
+		|| $(PYTHON) -m pip install -q -e ".[dev]"
+
+install-torch:
+	@if nvidia-smi >/dev/null 2>&1; then \
+		echo "make: NVIDIA GPU found: default (CUDA) torch build"; $(PYTHON) -m pip install -q "$(TORCH_SPEC)"; \
+	else \
+		echo "make: no NVIDIA GPU: CPU torch from $(TORCH_INDEX)"; \
+		$(PYTHON) -m pip install -q --retries 0 --timeout 5 --index-url "$(TORCH_INDEX)" "$(TORCH_SPEC)" 2>/dev/null \
+		|| { echo "make: $(TORCH_INDEX) not reachable: torch from the configured index"; \
+		     $(PYTHON) -m pip install -q "$(TORCH_SPEC)"; }; \
+	fi
 
 demo: install
 	$(PYTHON) tools/demo.py --out $(DEMO)
 
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -rs $(PYTEST_ARGS)
 
 lint: install
 	$(PYTHON) -m ruff check fsct tests tools

@@ -17,11 +17,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("fsct.score", "the official metric (and more) of a submission against the truth"),
     "validate-submission": ("fsct.submission", "check a submission file's shape, index, columns, values"),
     "bench": ("fsct.bench", "speed benchmarks (train, predict)"),
+    "config": ("fsct.config_cmd", "`config show CONFIG [key=value ...]`: print the resolved settings"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: fsct <command> [options]", "", "commands:"]
+    lines = ["usage: fsct [--version] <command> [options]", "", "commands:"]
     lines += [f"  {name:<21}{desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "`fsct <command> --help` for a command's options."]
     return "\n".join(lines)
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"fsct {version('fsct')}")
+        sys.exit(0)
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"fsct: error: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)

@@ -4,10 +4,11 @@ the resolved tree saved beside every run. Nothing reads settings from anywhere e
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -29,8 +30,9 @@ class DataConfig:
 class EpisodeConfig:
     # Which episode kinds to draw, with weights: class (ids as classes across slices, the notebook's),
     # slice (ways = structures of one slice, two augmented views), superpixel (unlabelled slices).
-    mode: str = "class"
-    mix: dict[str, float] = field(default_factory=dict)  # e.g. {slice: 0.5, superpixel: 0.5}; overrides mode
+    mode: Literal["class", "slice", "superpixel"] = "class"
+    # e.g. {slice: 0.5, superpixel: 0.5}; overrides mode
+    mix: dict[Literal["class", "slice", "superpixel"], float] = field(default_factory=dict)
     n_way: int = 5
     k_shot: int = 5
     n_query: int = 5
@@ -52,10 +54,12 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    variant: str = "panet"  # panet | seed (the notebook's model exactly: no bg prototype, T=1, no PAR)
+    # seed: the notebook's model exactly (no bg prototype, T=1, no PAR)
+    variant: Literal["panet", "seed"] = "panet"
     feature_dim: int = 256
     encoder: str = "resnet18"  # resnet18 | efficientnet_lite0 | timm/<name> (decoder unet only, except resnet18)
-    decoder: str = "none"  # none (stride-8 fused features, the notebook's PANet) | unet (stride-2 + boundary head)
+    # none: stride-8 fused features (the notebook's PANet); unet: stride-2 embeddings + boundary head
+    decoder: Literal["none", "unet"] = "none"
     decoder_dim: int = 64  # unet: channels of the top-down path
     pretrained: str = ""  # weights file (.safetensors/.pth) or, for timm/ encoders, a hub name; "" = scratch
     boundary_weight: float = 1.0  # unet: weight of the boundary head's loss (borders between label ids)
@@ -82,19 +86,21 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     seed: int = 42
     max_steps: int = 1000
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
     log_every: int = 10
     val_every: int = 100
     val_episodes: int = 20
     val_seed: int = 1234
-    best_metric: str = "val/miou"  # val/miou | val/miou_bg | val/ari_fg
+    best_metric: Literal["val/miou", "val/miou_bg", "val/ari_fg"] = "val/miou"
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
     save_every: int = 200
     keep_checkpoints: int = 2
     val_slices: int = 8  # dense models: val slices partitioned and scored on the official metric (val/ari_fg)
-    tune_threshold: bool = True  # dense models: predict.boundary_threshold chosen on those slices, saved with the model
-    image_every: int = 100  # W&B panel of query predictions every this many steps; 0 = never
-    tracker: str = "none"  # none | wandb
+    tune_threshold: bool = True  # dense models: predict.boundary_threshold chosen on val, saved with the model
+    # W&B panel of query predictions at the first validation at least this many steps after the last; 0 = never
+    image_every: int = 100
+    tracker: Literal["none", "wandb", "tensorboard", "mlflow"] = "none"  # accelerate's log_with
+    log_model: bool = False  # wandb: log the best model (model.safetensors + config.yaml) as an artifact
     project: str = "fsct"
     entity: str | None = None
     run_name: str | None = None
@@ -103,15 +109,17 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    mode: str = "class"  # class (argmax over support classes + bg) | partition (unexplained fg split apart)
+    mode: Literal["class", "partition"] = "class"
+    # class: argmax over support classes + bg; partition: unexplained foreground split apart
     k_shot: int = 5  # support slices per class
     batch_size: int = 16
     tta_flip: bool = False
     seed: int = 0
     unexplained_threshold: float = 0.5  # partition: best softmax probability under which a pixel is unexplained
     min_region: int = 64  # partition: regions smaller than this (pixels at 512x512) are merged
-    partition_split: str = "group"  # partition: learned | group | superpixels | components (fsct/partition.py)
-    boundary_threshold: float = 0.5  # learned: cells with boundary probability under this seed regions
+    # partition: boundary | learned (dense models) | group | superpixels | components (see fsct/partition.py)
+    partition_split: Literal["boundary", "learned", "group", "superpixels", "components"] = "group"
+    boundary_threshold: float = 0.5  # boundary/learned: borders at or above this probability separate regions
     sp_scale: float = 30.0  # partition: Felzenszwalb scale of those superpixels (larger: fewer, bigger)
     glue_cosine: float = 0.0  # partition group: glue neighbour superpixels with embedding cosine >= this (0 off)
 
@@ -149,6 +157,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise FsctError(f"config: {where}={value!r} is not one of {' | '.join(map(str, args))}"
+                        + _did_you_mean(str(value), [str(a) for a in args]))
     try:
         if tp is bool:
             if isinstance(value, str):
@@ -174,28 +187,47 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if origin is dict:
             if isinstance(value, str):
                 value = yaml.safe_load(value) or {}
+            if _is_unspaced_flow_mapping(value):
+                # YAML reads `{slice:0.5}` as a key "slice:0.5" with no value: say how to write it
+                raise FsctError(f"config: {where}: write a mapping with a space after each colon, quoted on a "
+                                f"command line: {where}='{{slice: 0.5, superpixel: 0.5}}'")
             if not isinstance(value, dict):
                 raise ValueError(value)
-            return {str(k): _coerce(args[1], v, where) for k, v in value.items()}
+            return {_coerce(args[0], k, f"{where} key"): _coerce(args[1], v, f"{where}.{k}")
+                    for k, v in value.items()}
     except (TypeError, ValueError) as e:
         raise FsctError(f"config: {where}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from e
     return value
 
 
-def _update(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
+def _is_unspaced_flow_mapping(value: Any) -> bool:
+    return isinstance(value, dict) and any(v is None and ":" in str(k) for k, v in value.items())
+
+
+def _did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _update(obj: Any, values: dict[str, Any], prefix: str, source: str, origins: dict[str, str]) -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         where = f"{prefix}{key}"
         if key not in names:
-            raise FsctError(f"{source}: unknown config key '{where}' (known: {', '.join(sorted(names))})")
+            raise FsctError(f"{source}: unknown config key '{where}'" + _did_you_mean(key, sorted(names), prefix)
+                            + f" (known in {prefix.rstrip('.') or 'top level'}: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise FsctError(f"{source}: '{where}' is a section, not a value")
-            _update(current, value, f"{where}.", source)
+            _update(current, value, f"{where}.", source, origins)
         else:
-            setattr(obj, key, _coerce(hints[key], value, where))
+            try:
+                setattr(obj, key, _coerce(hints[key], value, where))
+            except FsctError as e:  # name the file (or "command line") the bad value came from
+                raise FsctError(f"{source}: {str(e).removeprefix('config: ')}") from None
+            origins[where] = source
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -216,9 +248,73 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+def _multiple_of_32(v: int) -> bool:
+    return v > 0 and v % 32 == 0  # the encoder downsamples by 32
+
+
+# Ranges checked at load, before anything is written: "section.key" -> (ok, what it must be). A key missing
+# from a config section (a field another branch removed) is skipped, so the table never blocks a merge.
+RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "data.image_size": (_multiple_of_32, "a positive multiple of 32"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "episodes.n_way": (lambda v: v >= 1, ">= 1"),
+    "episodes.k_shot": (lambda v: v >= 1, ">= 1"),
+    "episodes.n_query": (lambda v: v >= 1, ">= 1"),
+    "episodes.episodes_per_step": (lambda v: v >= 1, ">= 1"),
+    "episodes.min_pixels": (lambda v: v >= 0, ">= 0"),
+    "episodes.mix": (lambda v: all(w >= 0 for w in v.values()) and (not v or sum(v.values()) > 0),
+                     "weights >= 0 with a positive sum"),
+    "augment.scale": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "augment.gamma": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "augment.noise_std": (lambda v: v >= 0, ">= 0"),
+    "model.feature_dim": (lambda v: v >= 1, ">= 1"),
+    "model.scale": (lambda v: v > 0, "> 0"),
+    "model.par_weight": (lambda v: v >= 0, ">= 0"),
+    "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.grad_accum": (lambda v: v >= 1, ">= 1"),
+    "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "train.max_steps": (lambda v: v >= 1, ">= 1"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "train.val_every": (lambda v: v >= 0, ">= 0"),
+    "train.val_episodes": (lambda v: v >= 1, ">= 1"),
+    "train.patience": (lambda v: v >= 0, ">= 0"),
+    "train.save_every": (lambda v: v >= 0, ">= 0"),
+    "train.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
+    "train.image_every": (lambda v: v >= 0, ">= 0 (0: never)"),
+    "predict.k_shot": (lambda v: v >= 1, ">= 1"),
+    "predict.batch_size": (lambda v: v >= 1, ">= 1"),
+    "predict.unexplained_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "predict.min_region": (lambda v: v >= 0, ">= 0"),
+    "predict.sp_scale": (lambda v: v > 0, "> 0"),
+    "predict.boundary_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "model.decoder_dim": (lambda v: v >= 1, ">= 1"),
+    "model.boundary_weight": (lambda v: v >= 0, ">= 0"),
+    "augment.sharpness": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.val_slices": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
+    """Fail with one line naming the source (YAML file, "command line" or defaults) and the key."""
+    origins = origins or {}
+    for where, (ok, must) in RANGES.items():
+        section, key = where.split(".")
+        node = getattr(cfg, section)
+        if not hasattr(node, key):
+            continue
+        value = getattr(node, key)
+        if not ok(value):
+            raise FsctError(f"{origins.get(where, 'defaults')}: {where}={value!r} must be {must}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file, then the command-line overrides."""
+    """Defaults, then the YAML file, then the command-line overrides; types, choices and ranges checked."""
     cfg = Config()
+    origins: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -229,9 +325,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise FsctError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
         if not isinstance(values, dict):
             raise FsctError(f"{path}: expected a mapping of config sections")
-        _update(cfg, values, "", str(path))
+        _update(cfg, values, "", str(path), origins)
     if overrides:
-        _update(cfg, parse_overrides(overrides), "", "command line")
+        _update(cfg, parse_overrides(overrides), "", "command line", origins)
+    validate(cfg, origins)
     return cfg
 
 

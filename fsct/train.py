@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 
+from fsct import launch
 from fsct.config import Config, load_config, save_config, to_dict
 from fsct.data.episodes import Batch, Episode, EpisodeSampler, EpisodeStream, PoolTensors, make_batch, step_generator
 from fsct.data.shards import Pool, load_split, rank_subset, read_index
@@ -88,10 +90,7 @@ def make_optimizer(model: nn.Module, cfg: Config, dev: torch.device) -> torch.op
 
 
 def resolve_precision(cfg: Config) -> str:
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return mp
+    return launch.resolve_precision(cfg.train.mixed_precision, torch.cuda.is_available())
 
 
 def find_checkpoint(out: Path, resume: str | None) -> Path | None:
@@ -125,9 +124,11 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
     from accelerate.utils import set_seed
 
     out = Path(cfg.train.output_dir)
-    use_wandb = cfg.train.tracker == "wandb"
+    tracker = cfg.train.tracker
+    use_wandb = tracker == "wandb"
+    launch.prepare_launch(torch.cuda.is_available())
     acc = Accelerator(mixed_precision=resolve_precision(cfg), gradient_accumulation_steps=cfg.optim.grad_accum,
-                      log_with="wandb" if use_wandb else None, project_dir=str(out))
+                      log_with=launch.log_with(tracker), project_dir=str(out))
     rank, world, dev = acc.process_index, acc.num_processes, acc.device
     stop = StopFlag(out / "PREEMPT")
     if acc.is_main_process:
@@ -166,11 +167,11 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
         truncate_metrics(out / "metrics.jsonl", state.step)  # rows after the checkpoint come again
     if acc.is_main_process and state.wandb_id is None:
         state.wandb_id = _wandb_id(out)
-    if use_wandb:
-        t = cfg.train
-        acc.init_trackers(t.project, config=to_dict(cfg), init_kwargs={"wandb": {
-            "name": t.run_name or out.name, "entity": t.entity, "tags": t.tags, "id": state.wandb_id,
-            "resume": "allow", "dir": str(out)}})
+    if tracker != "none":
+        acc.init_trackers(cfg.train.project, config=to_dict(cfg),
+                          init_kwargs=launch.tracker_init_kwargs(tracker, cfg.train, out, state.wandb_id))
+        launch.define_best_metrics(acc, tracker, cfg.train.best_metric)
+    last_panel = -1
 
     batches = episode_batches(cfg, sampler, pool, sp_pool, state.step, dev)
     drawn = EpisodeAudit.load(ckpt, rank)  # which slices this rank trained on, for the audit in rank{r}.json
@@ -217,8 +218,10 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
             metrics, panel = validate(acc, step_fn, val, cfg)
             acc.log(metrics, step=state.step)
             _append_metrics(acc, out, state.step, metrics)
-            if use_wandb and acc.is_main_process and panel and cfg.train.image_every > 0:
+            if use_wandb and acc.is_main_process and panel and launch.image_panel_due(
+                    state.step, last_panel, cfg.train.image_every):
                 _log_panel(acc, panel, state.step)
+                last_panel = state.step
             progress.message(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             score = metrics[cfg.train.best_metric]
             if score > state.best:
@@ -258,6 +261,8 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
         acc.print(f"done: {state.step} steps; model {out / 'model.safetensors'}"
                   + (f"; best {cfg.train.best_metric} {state.best:.4f} at step {state.best_step}"
                      if state.best_step >= 0 else ""), flush=True)
+    if cfg.train.log_model:
+        launch.log_best_model(acc, tracker, out, state.best_step)
     acc.end_training()
     return state
 
@@ -489,11 +494,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file (configs/*.yaml)")
     p.add_argument("--resume", help="auto (newest checkpoint in the output dir, if any) or a checkpoint dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in the output dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100")
 
 
 def run(args: argparse.Namespace) -> int:
     keep_freed_memory()
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     train(cfg, args.resume, args.overwrite)
     return 0

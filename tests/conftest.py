@@ -1,4 +1,4 @@
-"""Shared fixtures. ../shared sits beside the checkout (in CI too); tests that need it skip without it."""
+"""Shared fixtures. Everything a test reads is in the repo (a user's clone has no ../shared)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+REALCT = REPO / "tests" / "data" / "realct"  # 10 real CT slices in the challenge layout (see its README)
+SEED_BASELINE = REPO / "tests" / "fixtures" / "seed_baseline.py"  # the seed notebook as a script
 
 
 @pytest.fixture(autouse=True)
@@ -22,18 +23,9 @@ def _offline_wandb(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} not found")
-    return SHARED
-
-
-@pytest.fixture(scope="session")
-def realct_dir(shared_dir: Path) -> Path:
-    d = shared_dir / "data" / "realct-mini"
-    if not d.is_dir():
-        pytest.skip(f"{d} not found")
-    return d
+def realct_dir() -> Path:
+    """`X_train/images/0..9.png` + `Y_train.csv.gz`: 0..7 labelled, 8 and 9 unlabelled."""
+    return REALCT
 
 
 def fsct_env() -> dict[str, str]:

@@ -1,5 +1,5 @@
 """`fsct bench train|predict` on the CPU at tiny settings: the JSON holds every measurement, with positive
-rates that agree with each other, and the ratio to the seed baseline when ../shared has it."""
+rates that agree with each other, and the ratio to the seed baseline (tests/fixtures/seed_baseline.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from fsct.bench import Timing, bf16_peak_tflops
-from tests.conftest import SHARED, fsct
+from tests.conftest import SEED_BASELINE, fsct
 
 TINY = ["data.image_size=64", "model.feature_dim=32", "episodes.n_way=2", "episodes.k_shot=1",
         "episodes.n_query=1", "episodes.episodes_per_step=2"]
-SEED = SHARED / "tools" / "seed_baseline.py"
+SEED = SEED_BASELINE
 
 
 def positive(x: object) -> bool:

@@ -15,6 +15,7 @@ from fsct.config import ModelConfig
 from fsct.errors import FsctError
 from fsct.model import PANet, ResNetEncoder, build_model, cosine_logits, masked_average
 from fsct.model.panet import SEED_BG_LOGIT, one_hot
+from tests.conftest import SEED_BASELINE
 
 N_WAY = 3
 
@@ -29,8 +30,8 @@ def _few_threads():
 
 
 @pytest.fixture(scope="module")
-def seed_module(shared_dir: Path):
-    path = shared_dir / "tools" / "seed_baseline.py"
+def seed_module():
+    path = SEED_BASELINE
     spec = importlib.util.spec_from_file_location("seed_baseline", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -42,7 +43,7 @@ def real_slices(realct_dir: Path, seed_module):
     """Four labelled real CT slices at 96x96, preprocessed by the notebook's own `item` (images
     bilinear + normalised, masks nearest): images (4,1,96,96), raw masks with sparse ids (4,96,96)."""
     names = ["0.png", "1.png", "2.png", "3.png"]
-    df = pd.read_csv(realct_dir / "Y_train.csv", index_col=0, usecols=[0, 1, 2, 3, 4])
+    df = pd.read_csv(realct_dir / "Y_train.csv.gz", index_col=0, usecols=[0, 1, 2, 3, 4])
     masks = {n: df[n].to_numpy().reshape(512, 512).astype(np.int16) for n in names}
     items = [seed_module.item(realct_dir / "X_train" / "images", masks, n, (96, 96)) for n in names]
     return torch.stack([x for x, _ in items]), torch.stack([m for _, m in items])

@@ -125,16 +125,16 @@ def test_load_split_resizes(shards: Path):
     assert len(pool) == json.loads((shards / "index.json").read_text())["splits"]["train"]["n_samples"]
 
 
-def test_realct_mini(realct_dir: Path, tmp_path: Path):
+def test_realct_fixture(realct_dir: Path, tmp_path: Path):
     out = tmp_path / "rc"
     r = fsct("shard", "--images", str(realct_dir / "X_train" / "images"), "--labels",
-             str(realct_dir / "Y_train.csv"), "--out", str(out), "--shard-size", "10")
+             str(realct_dir / "Y_train.csv.gz"), "--out", str(out), "--shard-size", "10")
     assert r.returncode == 0, r.stderr
     counts = verify(out)
-    assert counts["unlabeled"] == 28 and counts["train"] + counts["val"] == 30
+    assert counts["unlabeled"] == 2 and counts["train"] + counts["val"] == 8
     index = json.loads((out / "index.json").read_text())
     assert index["stats"]["n_classes"] == 41
-    truth = csv_masks(realct_dir / "Y_train.csv")
+    truth = csv_masks(realct_dir / "Y_train.csv.gz")
     pool = load_split(out, "val")
     for key, mask in zip(pool.keys, pool.masks, strict=True):
         np.testing.assert_array_equal(mask, truth[f"{key}.png"])

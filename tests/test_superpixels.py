@@ -15,13 +15,13 @@ from fsct.data.superpixels import body_mask, felzenszwalb, superpixels
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SLICES = [3, 17, 29]  # labelled realct-mini slices: upper, middle, lower
-UNLABELLED = [40, 55]
+SLICES = [3, 5, 7]  # labelled fixture slices: upper, middle, lower
+UNLABELLED = [8, 9]
 
 
 @pytest.fixture(scope="module")
 def real(realct_dir: Path) -> dict:
-    cols, masks = read_labels(realct_dir / "Y_train.csv")
+    cols, masks = read_labels(realct_dir / "Y_train.csv.gz")
     images = {i: read_image(realct_dir / "X_train" / "images" / f"{i}.png") for i in SLICES + UNLABELLED}
     return {"images": images, "masks": {i: masks[cols.index(f"{i}.png")] for i in SLICES + UNLABELLED}}
 

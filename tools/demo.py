@@ -32,6 +32,14 @@ def sh(*args: str) -> None:
     print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
 
+def spread_over_levels(data: Path, n: int) -> list[int]:
+    """Indices of n test slices spread from thorax to hips (synth.json records each slice's level), so the
+    picture shows different anatomy rather than n near-identical slices."""
+    slices = json.loads((data / "synth.json").read_text())["slices"]["test"]
+    by_level = sorted(range(len(slices)), key=lambda i: slices[i]["level"])
+    return [by_level[round(q * (len(by_level) - 1))] for q in np.linspace(0, 1, n)]
+
+
 def panel(out: Path, data: Path, submission: Path, n: int = 4) -> Path:
     """n test slices spread over the body's levels (the synthetic test set runs head to feet)."""
     from PIL import Image
@@ -43,25 +51,25 @@ def panel(out: Path, data: Path, submission: Path, n: int = 4) -> Path:
     images = list_images(data / "X_test" / "images")
     _, truth = read_labels(data / "Y_test.csv")
     _, pred = read_submission(submission)
-    levels = np.linspace(0, len(images) - 1, n).round().astype(int)
-    rows = []
-    for i in levels:
+    levels = {s["name"]: s["level"] for s in json.loads((data / "synth.json").read_text())["slices"]["test"]}
+    rows, titles = [], []
+    for i in spread_over_levels(data, n):
         img = np.asarray(Image.open(images[i]))
         rows.append([img, overlay(img, truth[i]), overlay(img, pred[i])])
-    titles = [[f"test {images[i].stem}", "truth", "prediction (partition)"] for i in levels]
+        titles.append([f"test {images[i].stem} (level {levels[images[i].name]:.2f})", "truth", "prediction"])
     path = out / "predictions.png"
     grid(rows, titles).save(path)
     return path
 
 
-def curve(out: Path, run: Path) -> Path:
+def curve(out: Path, run: Path, keys: tuple[str, ...] = ("val/ari_fg", "val/miou")) -> Path:
+    """metrics.jsonl -> the validation curves of the run (the official score of the partition first)."""
     from fsct.viz import line_chart
 
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    val = [(r["step"], r["val/ari_fg"]) for r in rows if "val/ari_fg" in r]
-    path = out / "val_curve.png"
-    line_chart({"val/ari_fg (official score, val slices)": val}, "demo run: validation", "step",
-               "official score").save(path)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
+    path = out / "training_curve.png"
+    line_chart({k: v for k, v in series.items() if v}, "demo run: validation", "step", "score").save(path)
     return path
 
 
@@ -84,6 +92,7 @@ def main() -> None:
     sh("train", "--config", a.config, f"data.shards={shards}", f"train.output_dir={run}",
        f"train.max_steps={a.steps}", *a.overrides)
     submission = out / "submission.csv"
+    # predict settings (mode, partition_split, ...) come from the checkpoint's config.yaml, i.e. from --config
     sh("predict", "--checkpoint", str(run / "best" if (run / "best").is_dir() else run), "--support", str(shards),
        "--images", str(shards), "--out", str(submission), "--overwrite")
     sh("validate-submission", str(submission), "--images", str(data / "X_test" / "images"))
@@ -95,7 +104,7 @@ def main() -> None:
     for what, path in [("synthetic data", data), ("contact sheet", data / "contact_sheet.png"),
                        ("shards", shards), ("run (config, checkpoints, model)", run),
                        ("submission", submission), ("score", out / "score.json"),
-                       ("test slices: truth vs prediction", picture), ("validation curve", chart)]:
+                       ("test slices: truth vs prediction", picture), ("training curve", chart)]:
         print(f"  {what:<34} {path}")
     print(f"  official score (ARI on truth foreground): {score['official']['mean']:.4f}"
           if isinstance(score.get("official"), dict) else "")
