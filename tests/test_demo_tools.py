@@ -30,8 +30,9 @@ def test_slices_spread_over_levels(tmp_path: Path):
 def test_training_curve_png(tmp_path: Path):
     run = tmp_path / "run"
     run.mkdir()
-    rows = [{"step": s, "train/loss": 2.0 / s} for s in range(1, 11)] + [{"step": 10, "val/miou": 0.4}]
+    rows = [{"step": s, "train/loss": 2.0 / s} for s in range(1, 11)] + [
+        {"step": 5, "val/miou": 0.3, "val/ari_fg": 0.5}, {"step": 10, "val/miou": 0.4, "val/ari_fg": 0.6}]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     path = _demo().curve(tmp_path, run)
     im = Image.open(path)
-    assert im.size == (640, 300) and len(im.getcolors(10_000)) > 3  # axes, lines and labels were drawn
+    assert im.size == (720, 440) and len(im.getcolors(100_000)) > 3  # axes, lines and labels were drawn

@@ -95,10 +95,18 @@ def curve(name: str, overrides: list[str], a: argparse.Namespace, shards: Path) 
             sub = model / "submission.csv"
             sub.unlink(missing_ok=True)
             sh([*FSCT, "predict", "--checkpoint", str(model), "--support", str(shards), "--images", str(shards),
-                "--out", str(sub), *[o for o in overrides if o.startswith("predict.")]])
+                "--out", str(sub), *[o for o in overrides if o.startswith("predict.")], *val_threshold(run, step)])
             sh([*FSCT, "score", "--pred", str(sub), "--truth", str(a.data / "Y_test.csv"), "--json", str(score_file)])
         points.append((step, json.loads(score_file.read_text())["official"]["mean"]))
     return points
+
+
+def val_threshold(run: Path, step: int) -> list[str]:
+    """The boundary threshold the run chose on val at this step (what its model saved at that step would
+    carry), as a predict override; none when the run did not choose one."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    chosen = [r["val/boundary_threshold"] for r in rows if r.get("step") == step and "val/boundary_threshold" in r]
+    return [f"predict.boundary_threshold={chosen[-1]}"] if chosen else []
 
 
 def slug(name: str) -> str:
