@@ -42,14 +42,15 @@ def sh(cmd: list[str]) -> None:
 
 
 def default_systems(pretrained: str | None) -> dict[str, list[str]]:
-    systems = {
-        "unet scratch (boundary)": [],
-        "none (group)": ["model.decoder=none", "train.best_metric=val/miou", "predict.partition_split=group"],
+    """The recipe as configured, its encoder from scratch, and today's PANet (no decoder, `group` split).
+    --pretrained names the weights for the first; without it the config's own `model.pretrained` is used."""
+    weights = [f"model.pretrained={pretrained}"] if pretrained else []
+    return {
+        "lite0 ImageNet + unet (boundary)": ["model.encoder=efficientnet_lite0", *weights],
+        "lite0 scratch + unet (boundary)": ["model.encoder=efficientnet_lite0", "model.pretrained="],
+        "resnet18 scratch, no decoder (group)": ["model.encoder=resnet18", "model.pretrained=", "model.decoder=none",
+                                                 "train.best_metric=val/miou", "predict.partition_split=group"],
     }
-    if pretrained:
-        systems = {"unet pretrained (boundary)": ["model.encoder=efficientnet_lite0",
-                                                  f"model.pretrained={pretrained}"], **systems}
-    return systems
 
 
 def baselines(data: Path) -> dict[str, float]:
