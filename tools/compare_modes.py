@@ -77,10 +77,14 @@ def make_realct(src: Path, out: Path, n_train: int, renumber_train: bool, seed: 
         shutil.copyfile(p, out / "X_test" / "images" / f"{i}.png")
         test_masks.append(renumber(by_name[p.name], rng, n_ids))
     write_labels(out / "Y_test.csv", np.stack(test_masks), [f"{i}.png" for i in range(len(test))])
+    # The same masks with the source's class ids, for per-structure views (tools/structure_view.py), never scored.
+    write_labels(out / "Y_test_classes.csv", np.stack([by_name[p.name] for p in test]),
+                 [f"{i}.png" for i in range(len(test))])
     (out / "README.md").write_text(
         f"Built by tools/compare_modes.py from {src}: train = {[p.name for p in train]} (labelled"
         f"{', ids renumbered per slice' if renumber_train else ', original ids'}) + {len(unlabelled)} unlabelled; "
-        f"test = {[p.name for p in test]} as 0..{len(test) - 1}.png, ids renumbered per slice (seed {seed}).\n")
+        f"test = {[p.name for p in test]} as 0..{len(test) - 1}.png, ids renumbered per slice (seed {seed}); "
+        f"Y_test_classes.csv: the same test masks with the source's ids.\n")
     print(f"{out}: {len(train)} labelled + {len(unlabelled)} unlabelled train slices, {len(test)} test slices")
 
 

@@ -83,6 +83,8 @@ def curve(name: str, overrides: list[str], a: argparse.Namespace, shards: Path) 
         shutil.rmtree(run, ignore_errors=True)
         sh([*FSCT, "train", "--config", str(a.config), f"data.shards={shards}", f"train.output_dir={run}",
             f"train.max_steps={max(a.steps)}", f"train.save_every={min(a.steps)}", "train.keep_checkpoints=1000",
+            # val at every scored checkpoint, so each is predicted with the threshold val chose at that step
+            f"train.val_every={min(a.steps)}",
             *overrides])
     points = []
     for step in a.steps:
