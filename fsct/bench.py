@@ -336,7 +336,7 @@ def bench_end_to_end(cfg: Config, dev: torch.device, warmup: int, steps: int, sh
                      model: nn.Module, opt: torch.optim.Optimizer, flops: float | None) -> Timing:
     """The trainer's data path (`episode_batches`) feeding the same step; pool loading is reported, not timed."""
     from fsct.data.episodes import EpisodeSampler
-    from fsct.data.shards import load_split
+    from fsct.data.pool import load_split
     from fsct.train import episode_batches, superpixel_pool
 
     cfg = replace(cfg, data=replace(cfg.data, shards=str(shards)),
@@ -508,7 +508,7 @@ def fresh_checkpoint(cfg: Config, folder: Path) -> Path:
 
 
 def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
-    from fsct.data.shards import load_split, read_index
+    from fsct.data.pool import load_split, read_index
     from fsct.predict import load_checkpoint, predict_batch, support_prototypes
 
     if args.slices < 1 or args.warmup < 0:

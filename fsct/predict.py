@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fsct.atomic import atomic_file, fault_point, remove_stale
 from fsct.config import Config, PredictConfig, load_config, to_dict
 from fsct.data.challenge import list_images, read_image
-from fsct.data.shards import Pool, key_order, load_split, rank_subset
+from fsct.data.pool import Pool, key_order, load_split, rank_subset
 from fsct.errors import FsctError
 from fsct.lock import locked
 from fsct.malloc import keep_freed_memory

@@ -28,7 +28,7 @@ import yaml
 from fsct import launch
 from fsct.config import Config, load_config, save_config, to_dict
 from fsct.data.episodes import Batch, Episode, EpisodeSampler, EpisodeStream, PoolTensors, make_batch, step_generator
-from fsct.data.shards import Pool, load_split, rank_subset, read_index
+from fsct.data.pool import Pool, load_split, rank_subset, read_index
 from fsct.errors import FsctError
 from fsct.lock import locked
 from fsct.malloc import keep_freed_memory

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsct.data.shards import load_split
+from fsct.data.pool import load_split
 from fsct.predict import fingerprint, load_checkpoint, part_path, predict_batch, support_prototypes
 from fsct.submission import read_submission
 from tests.conftest import REPO, fsct, fsct_env

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fsct.data.shards import load_split, verify
+from fsct.data.pool import load_split
+from fsct.data.shards import verify
 from fsct.errors import FsctError
 from fsct.lock import locked
 from fsct.predict import load_checkpoint, parts_dir

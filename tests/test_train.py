@@ -15,7 +15,7 @@ import torch
 
 from fsct.config import load_config
 from fsct.data.episodes import EpisodeSampler, EpisodeStream
-from fsct.data.shards import load_split, rank_subset
+from fsct.data.pool import load_split, rank_subset
 from fsct.train import episode_batches
 from tests.conftest import REPO, fsct_env
 

@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fsct.config import AugmentConfig, EpisodeConfig
 from fsct.data.augment import augment_batch
-from fsct.data.shards import Pool
+from fsct.data.pool import Pool
 from fsct.errors import FsctError
 
 
