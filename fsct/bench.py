@@ -208,7 +208,7 @@ def synthetic_shards(work: Path, cfg: Config, n_test: int = 4, per_class: int | 
     from fsct.data.synth import SynthSettings, write_synth
 
     e = cfg.episodes
-    superpixels = "superpixel" in (e.mix or {e.mode: 1})
+    superpixels = "superpixel" in e.effective_mix
     # Semantic synth ids: the common structures show on nearly every slice, so twice the episode's need
     # leaves enough slices per way.
     labelled = max(8, 2 * (per_class or e.k_shot + e.n_query) + 2)
@@ -288,7 +288,7 @@ def episode_shape(cfg: Config) -> tuple[int, int]:
     shape, used whenever class episodes are drawn at all); slice and superpixel episodes are K and Q views
     of one slice."""
     e = cfg.episodes
-    if "class" in (e.mix or {e.mode: 1.0}):
+    if "class" in e.effective_mix:
         return e.n_way * e.k_shot, e.n_way * e.n_query
     return e.k_shot, e.n_query
 
@@ -343,7 +343,7 @@ def bench_end_to_end(cfg: Config, dev: torch.device, warmup: int, steps: int, sh
                   train=replace(cfg.train, max_steps=warmup + steps))
     t0 = time.perf_counter()
     pool = load_split(shards, cfg.data.train_split, size=cfg.data.image_size)
-    modes = set(cfg.episodes.mix or {cfg.episodes.mode: 1})
+    modes = cfg.episodes.effective_mix
     sp_pool = superpixel_pool(cfg, shards, 0, 1) if "superpixel" in modes else None
     load_s = time.perf_counter() - t0
     sampler = EpisodeSampler(pool, cfg.episodes, cfg.train.seed, 0, superpixel_pool=sp_pool)

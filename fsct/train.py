@@ -140,7 +140,7 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
     # --- data: each rank reads its own shards into memory; episodes are index draws on that pool
     shards = Path(cfg.data.shards)
     names, keys = rank_subset(shards, cfg.data.train_split, rank, world)
-    modes = set(cfg.episodes.mix or {cfg.episodes.mode: 1})
+    modes = cfg.episodes.effective_mix
     pool = load_split(shards, cfg.data.train_split, names, cfg.data.image_size, keys)
     sp_pool = superpixel_pool(cfg, shards, rank, world) if "superpixel" in modes else None
     sampler = EpisodeSampler(pool, cfg.episodes, cfg.train.seed, rank, superpixel_pool=sp_pool)
@@ -333,7 +333,7 @@ def _val_setup(cfg: Config, shards: Path) -> ValSet | None:
     pool = load_split(shards, cfg.data.val_split, size=cfg.data.image_size)
     held_out = set(index.get("val_classes") or []) or None  # novel-class validation when classes are held out
     # Validation scores true masks: superpixel ways are pseudo-labels, and the val split has none.
-    mix = {m: w for m, w in (cfg.episodes.mix or {cfg.episodes.mode: 1.0}).items() if m != "superpixel"}
+    mix = {m: w for m, w in cfg.episodes.effective_mix.items() if m != "superpixel"}
     val_cfg = type(cfg.episodes)(**{**asdict(cfg.episodes), "episodes_per_step": 1,
                                     "mix": mix or {"slice": 1.0}})
     try:

@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fsct.config import AugmentConfig, EpisodeConfig
 from fsct.data.augment import augment_batch
-from fsct.data.pool import Pool
+from fsct.data.pool import Pool, normalise, to_unit
 from fsct.errors import FsctError
 
 
@@ -107,10 +107,7 @@ class EpisodeSampler:
     def __init__(self, pool: Pool, cfg: EpisodeConfig, seed: int, rank: int = 0,
                  allowed_classes: set[int] | None = None, superpixel_pool: Pool | None = None):
         self.pool, self.cfg, self.seed, self.rank = pool, cfg, seed, rank
-        self.mix = dict(cfg.mix) if cfg.mix else {cfg.mode: 1.0}
-        unknown = set(self.mix) - set(DRAW)
-        if unknown:
-            raise FsctError(f"config: unknown episode mode(s) {sorted(unknown)} (known: {sorted(DRAW)})")
+        self.mix = cfg.effective_mix  # its kinds are DRAW's keys: a Literal checked when the config loads
         self.modes = sorted(self.mix)
         w = np.array([self.mix[m] for m in self.modes], dtype=np.float64)
         self.weights = w / w.sum()
@@ -191,14 +188,14 @@ def make_batch(episodes: list[Episode], pool: PoolTensors, n_way: int, augment: 
     s_img, s_raw = gather("support")
     q_img, q_raw = gather("query")
     S = s_img.shape[1]
-    img = torch.cat([s_img, q_img], 1).float().div_(255.0)
+    img = to_unit(torch.cat([s_img, q_img], 1))
     raw = torch.cat([s_raw, q_raw], 1)
     if augment is not None and augment.enabled:
         # Labels are sampled nearest, so remapping after the warp equals warping the remapped labels.
         flat_img, flat_raw = augment_batch(img.flatten(0, 1), raw.flatten(0, 1), augment, generator)
         img, raw = flat_img.view_as(img), flat_raw.view_as(raw)
     lbl = torch.gather(lut, 1, raw.flatten(1)).view_as(raw)  # per-episode remap via a 256-entry table
-    img = img.sub_(0.5).div_(0.5).unsqueeze(2)
+    img = normalise(img).unsqueeze(2)
     # Superpixel ids are pseudo-labels: their borders are intensity edges, not what the boundary head learns.
     mask_source = all(ep.source == "mask" for ep in episodes)
     return Batch(img[:, :S].contiguous(), lbl[:, :S].contiguous(), img[:, S:].contiguous(),

@@ -10,6 +10,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -97,6 +98,16 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def to_unit(u8: Any) -> Any:
+    """uint8 pixel tensor -> float in [0, 1]: what augmentation works on."""
+    return u8.float() / 255.0
+
+
+def normalise(unit: Any) -> Any:
+    """[0, 1] pixels -> [-1, 1], the model's input (the seed notebook's normalisation)."""
+    return (unit - 0.5) / 0.5
 
 
 def _resize(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
