@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fsct.atomic import atomic_file, fault_point, remove_stale
-from fsct.config import Config, PredictConfig, load_config, to_dict
+from fsct.checkpoint import load_model, weights_path
+from fsct.config import Config, PredictConfig, to_dict
 from fsct.data.challenge import list_images, read_image
 from fsct.data.pool import Pool, key_order, load_split, normalise, rank_subset, to_unit
 from fsct.errors import FsctError
@@ -31,27 +32,6 @@ from fsct.progress import track
 from fsct.submission import write_submission
 
 OUT_SIZE = 512
-
-
-def load_checkpoint(path: Path | str, overrides: list[str] | None = None) -> tuple[PANet, Config]:
-    """A folder with model.safetensors + config.yaml (a run's output dir, its best/, or the file itself)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    folder = path.parent if path.suffix == ".safetensors" else path
-    weights = path if path.suffix == ".safetensors" else folder / "model.safetensors"
-    if not weights.is_file() or not (folder / "config.yaml").is_file():
-        raise FsctError(f"{path}: not a checkpoint (needs model.safetensors and config.yaml)")
-    cfg = load_config(folder / "config.yaml", overrides)
-    cfg.model.compile = False
-    cfg.model.pretrained = ""  # the checkpoint holds every weight: no pretrained file or hub needed here
-    model = PANet(cfg.model)
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError, SafetensorError) as e:
-        raise FsctError(f"{weights}: cannot load weights ({str(e).splitlines()[0]})") from e
-    return model.eval(), cfg
 
 
 @dataclass
@@ -212,17 +192,13 @@ def fingerprint(checkpoint_weights: Path, cfg: Config, support: Path, support_sp
     return h.hexdigest()
 
 
-def _weights(checkpoint: Path) -> Path:
-    return checkpoint if checkpoint.suffix == ".safetensors" else checkpoint / "model.safetensors"
-
-
 def _predict_locked(acc, checkpoint: Path, support: Path, images: Path, out: Path, support_split: str,
                     images_split: str, overrides: list[str] | None) -> None:
     rank, world, dev = acc.process_index, acc.num_processes, acc.device
-    model, cfg = load_checkpoint(checkpoint, overrides)
+    model, cfg = load_model(checkpoint, overrides)
     pcfg = cfg.predict
     model.to(dev)
-    fp = fingerprint(_weights(checkpoint), cfg, support, support_split, images, images_split, world)
+    fp = fingerprint(weights_path(checkpoint), cfg, support, support_split, images, images_split, world)
     if acc.is_main_process:
         _prepare_parts(out, fp)
     acc.wait_for_everyone()
