@@ -26,21 +26,33 @@ def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not overwrite:
         raise FsctError(f"{out}: output exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any other folder
+    tmp = temp_dir(out)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out)
+
+
+def temp_dir(out: Path) -> Path:
+    """A new hidden sibling of `out` (`.NAME.tmp-*`: what remove_stale clears after a kill)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any other folder
+    return tmp
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Rename the finished folder `new` onto `out`. An existing `out` is renamed aside first and removed
+    after, so at every moment `out` is either the old folder or the new one, never a mix."""
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
-        tmp.rename(out)
+        new.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        tmp.rename(out)
+        new.rename(out)
 
 
 @contextlib.contextmanager

@@ -3,10 +3,13 @@
 train, in one process on one device (cuda when there is one, else cpu):
   model_only   fsct's train step on synthetic tensors, with the config's settings (autocast precision,
                channels_last, torch.compile, fused AdamW, episodes_per_step episodes per forward)
-  end_to_end   the same step fed by the trainer's own batches (`fsct.train.episode_batches`: episode sampler,
-               device-side pool, augmentation on the device) from shards
-  seed         the seed notebook's model-only step (tools/seed_baseline.py `cmd_bench`): one episode of the
-               same shape per step, fp32, Adam
+  end_to_end   the same step fed by the trainer's own batches (`fsct.data.episodes.episode_batches`: episode
+               sampler, device-side pool, augmentation on the device) from shards
+  seed         the seed notebook's model-only step (`--seed-baseline`, by default the in-repo copy
+               tests/fixtures/seed_baseline.py, its `cmd_bench`): one episode of the same shape per step,
+               fp32, Adam
+Both fsct measurements run `fsct.engine.train_step`, the trainer's own step, through a single-process
+Accelerator: a change to training is measured as it is.
 predict: slices/s of `fsct predict`'s work: support prototypes once, then batches of 512x512 uint8 slices
 through `predict_batch` (resize, features, cosine logits, upsampling to 512, argmax, copy to the host).
 
@@ -36,11 +39,14 @@ import torch
 from torch import nn
 
 from fsct.atomic import atomic_file
-from fsct.config import Config, load_config, save_config
+from fsct.checkpoint import load_model, save_model
+from fsct.config import Config, load_config
+from fsct.engine import make_accelerator, make_optimizer, resolve_precision, train_step
 from fsct.errors import FsctError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = Path("configs/panet_5w5s.yaml")
+SEED_BASELINE = REPO / "tests" / "fixtures" / "seed_baseline.py"  # the seed notebook's model as a script
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name();
 # the first match wins, so the PCIe H100 comes before the generic (SXM) entry.
@@ -208,7 +214,7 @@ def synthetic_shards(work: Path, cfg: Config, n_test: int = 4, per_class: int | 
     from fsct.data.synth import SynthSettings, write_synth
 
     e = cfg.episodes
-    superpixels = "superpixel" in (e.mix or {e.mode: 1})
+    superpixels = "superpixel" in e.effective_mix
     # Semantic synth ids: the common structures show on nearly every slice, so twice the episode's need
     # leaves enough slices per way.
     labelled = max(8, 2 * (per_class or e.k_shot + e.n_query) + 2)
@@ -224,13 +230,10 @@ def synthetic_shards(work: Path, cfg: Config, n_test: int = 4, per_class: int | 
 
 # --- train ------------------------------------------------------------------------------------------------
 
-def autocast_dtype(cfg: Config) -> torch.dtype | None:
-    from fsct.train import resolve_precision
-
+def precision_name(cfg: Config) -> str:
+    """The step's precision as the results name it: fp32, bf16 or fp16."""
     mp = resolve_precision(cfg)
-    if mp not in ("no", "bf16", "fp16"):
-        raise FsctError(f"config: train.mixed_precision={mp!r} is not auto, no, bf16 or fp16")
-    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
+    return "fp32" if mp == "no" else mp
 
 
 def autocast(dev: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -238,36 +241,11 @@ def autocast(dev: torch.device, dtype: torch.dtype | None) -> contextlib.Abstrac
     return contextlib.nullcontext() if dtype is None else torch.autocast(dev.type, dtype=dtype)
 
 
-def train_step_fn(model: nn.Module, opt: torch.optim.Optimizer, cfg: Config,
-                  dev: torch.device) -> Callable[[Callable[[], Any], int], None]:
-    """`step(next_batch, step_index)`: what `fsct train` does per optimizer step without Accelerate's
-    wrappers (one process): lr schedule, grad_accum micro-batches under autocast, clipping, AdamW."""
-    from fsct.train import lr_at
-
-    dtype = autocast_dtype(cfg)
-    scaler = torch.amp.GradScaler(dev.type) if dtype is torch.float16 else None
-    accum = cfg.optim.grad_accum
-
-    def step(next_batch: Callable[[], Any], index: int) -> None:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(index, cfg)
-        for _ in range(accum):
-            b = next_batch()
-            with autocast(dev, dtype):
-                loss = model(b.s_img, b.s_lbl, b.q_img, b.n_way, q_lbl=b.q_lbl, raw=b.raw)["loss"] / accum
-            (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(opt)
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+def bench_accelerator(cfg: Config, dev: torch.device) -> Any:
+    """One process on `dev`, with the config's precision and gradient accumulation, as `fsct train` has."""
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    return make_accelerator(cfg, cpu=dev.type == "cpu")
 
 
 def synthetic_batch(cfg: Config, dev: torch.device, seed: int = 0):
@@ -288,7 +266,7 @@ def episode_shape(cfg: Config) -> tuple[int, int]:
     shape, used whenever class episodes are drawn at all); slice and superpixel episodes are K and Q views
     of one slice."""
     e = cfg.episodes
-    if "class" in (e.mix or {e.mode: 1.0}):
+    if "class" in e.effective_mix:
         return e.n_way * e.k_shot, e.n_way * e.n_query
     return e.k_shot, e.n_query
 
@@ -297,58 +275,54 @@ def episode_slices(cfg: Config) -> int:
     return sum(episode_shape(cfg))
 
 
-def fsct_step_flops(cfg: Config, dev: torch.device) -> float:
+def fsct_step_flops(acc: Any, cfg: Config, dev: torch.device) -> float:
     """FLOPs of one episode's forward + backward, counted on an eager model (compile changes no FLOPs)."""
     from fsct.model.panet import PANet
 
     model = PANet(replace(cfg.model, compile=False)).to(dev)
     one = replace(cfg, episodes=replace(cfg.episodes, episodes_per_step=1))
     b = synthetic_batch(one, dev)
-    dtype = autocast_dtype(cfg)
 
     def fwd_bwd() -> None:
-        with autocast(dev, dtype):
+        with acc.autocast():
             loss = model(b.s_img, b.s_lbl, b.q_img, b.n_way, q_lbl=b.q_lbl, raw=b.raw)["loss"]
         loss.backward()
 
     return count_flops(fwd_bwd)
 
 
-def bench_model_only(cfg: Config, dev: torch.device, warmup: int, steps: int, name: str,
+def time_train_steps(acc: Any, model: nn.Module, opt: torch.optim.Optimizer, next_batch: Callable[[], Any],
+                     cfg: Config, warmup: int, steps: int, dev: torch.device) -> float:
+    """Seconds for `steps` calls of the trainer's step (after `warmup`), with its lr schedule from step 0."""
+    counter = iter(range(1 << 40))
+    return time_steps(lambda: train_step(acc, model, opt, next_batch, next(counter), cfg), warmup, steps, dev)
+
+
+def bench_model_only(acc: Any, cfg: Config, dev: torch.device, warmup: int, steps: int, name: str,
                      flops: float | None) -> tuple[Timing, nn.Module, torch.optim.Optimizer]:
     from fsct.model.panet import build_model
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(dev).train()
-    from fsct.train import make_optimizer
-
-    opt = make_optimizer(model, cfg, dev)
-    step = train_step_fn(model, opt, cfg, dev)
+    model, opt = acc.prepare(model, make_optimizer(model, cfg, dev))
     batch = synthetic_batch(cfg, dev)
     reset_memory(dev)
-    counter = iter(range(1 << 40))
-    seconds = time_steps(lambda: step(lambda: batch, next(counter)), warmup, steps, dev)
+    seconds = time_train_steps(acc, model, opt, lambda: batch, cfg, warmup, steps, dev)
     eps = steps * cfg.episodes.episodes_per_step * cfg.optim.grad_accum
     return Timing(name, eps, seconds, episode_slices(cfg), flops, peak_memory_gb(dev)), model, opt
 
 
-def bench_end_to_end(cfg: Config, dev: torch.device, warmup: int, steps: int, shards: Path,
+def bench_end_to_end(acc: Any, cfg: Config, dev: torch.device, warmup: int, steps: int, shards: Path,
                      model: nn.Module, opt: torch.optim.Optimizer, flops: float | None) -> Timing:
     """The trainer's data path (`episode_batches`) feeding the same step; pool loading is reported, not timed."""
-    from fsct.data.episodes import EpisodeSampler
-    from fsct.data.shards import load_split
-    from fsct.train import episode_batches, superpixel_pool
+    from fsct.data.episodes import episode_batches, load_train_data
 
     cfg = replace(cfg, data=replace(cfg.data, shards=str(shards)),
                   train=replace(cfg.train, max_steps=warmup + steps))
     t0 = time.perf_counter()
-    pool = load_split(shards, cfg.data.train_split, size=cfg.data.image_size)
-    modes = set(cfg.episodes.mix or {cfg.episodes.mode: 1})
-    sp_pool = superpixel_pool(cfg, shards, 0, 1) if "superpixel" in modes else None
+    data = load_train_data(cfg, 0, 1)
     load_s = time.perf_counter() - t0
-    sampler = EpisodeSampler(pool, cfg.episodes, cfg.train.seed, 0, superpixel_pool=sp_pool)
-    batches: Iterator = episode_batches(cfg, sampler, pool, sp_pool, 0, dev)
-    step = train_step_fn(model, opt, cfg, dev)
+    batches: Iterator = episode_batches(cfg, data.sampler, data.pool, data.sp_pool, 0, dev)
     slices: list[int] = []  # per micro-batch: a mix of episode modes draws episodes of different sizes
 
     def next_batch():
@@ -356,30 +330,24 @@ def bench_end_to_end(cfg: Config, dev: torch.device, warmup: int, steps: int, sh
         slices.append(b.s_img.shape[0] * (b.s_img.shape[1] + b.q_img.shape[1]))
         return b
 
-    counter = iter(range(1 << 40))
     reset_memory(dev)
-    seconds = time_steps(lambda: step(next_batch, next(counter)), warmup, steps, dev)
+    seconds = time_train_steps(acc, model, opt, next_batch, cfg, warmup, steps, dev)
     micro = steps * cfg.optim.grad_accum
     eps = micro * cfg.episodes.episodes_per_step
     per_episode = sum(slices[-micro:]) / eps
     # FLOPs grow with the slices encoded (the encoder is nearly all of them): scale the counted episode's
     flops = None if flops is None else flops * per_episode / episode_slices(cfg)
-    extra = {"pool_slices": len(pool), "pool_load_s": load_s}
+    extra = {"pool_slices": len(data.pool), "pool_load_s": load_s}
     return Timing("end_to_end", eps, seconds, per_episode, flops, peak_memory_gb(dev), extra)
 
 
 def find_seed_baseline(explicit: Path | None) -> Path | None:
-    """--seed-baseline, else ../shared/tools/seed_baseline.py beside the repo, else .device/seed_baseline.py
-    (where the GPU machine keeps a copy); None when there is none."""
+    """--seed-baseline, else the repo's copy (SEED_BASELINE; absent from an installed package: None)."""
     if explicit is not None:
         if not explicit.is_file():
             raise FsctError(f"{explicit}: seed baseline script not found")
         return explicit
-    for c in (REPO.parent / "shared" / "tools" / "seed_baseline.py",
-              Path.cwd() / ".device" / "seed_baseline.py", REPO / ".device" / "seed_baseline.py"):
-        if c.is_file():
-            return c
-    return None
+    return SEED_BASELINE if SEED_BASELINE.is_file() else None
 
 
 def import_seed(path: Path) -> ModuleType:
@@ -441,7 +409,8 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     dev = pick_device(args.device)
     env = environment(dev)
     seed_path = None if args.no_seed else find_seed_baseline(args.seed_baseline)
-    flops = fsct_step_flops(cfg, dev) if not args.no_flops else None
+    acc = bench_accelerator(cfg, dev)
+    flops = fsct_step_flops(acc, cfg, dev) if not args.no_flops else None
 
     timings: list[Timing] = []
     compiles = [False, True] if args.compare_compile else [cfg.model.compile]
@@ -449,15 +418,16 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     for compile_ in compiles:
         c = replace(cfg, model=replace(cfg.model, compile=compile_))
         name = f"model_only ({'compiled' if compile_ else 'eager'})" if args.compare_compile else "model_only"
-        t, model, opt = bench_model_only(c, dev, args.warmup, args.steps, name, flops)
+        t, model, opt = bench_model_only(acc, c, dev, args.warmup, args.steps, name, flops)
         timings.append(t)
         if compile_ == cfg.model.compile:
             kept = (model, opt)  # end_to_end reuses the config's variant (compiled once)
         del model, opt
+        acc.free_memory()  # the Accelerator's own references: a dropped variant's memory is freed
     assert kept is not None
     with tempfile.TemporaryDirectory(prefix="fsct-bench-") as tmp:
         shards = args.shards if args.shards is not None else synthetic_shards(Path(tmp), cfg)
-        timings.append(bench_end_to_end(cfg, dev, args.warmup, args.steps, shards, *kept, flops))
+        timings.append(bench_end_to_end(acc, cfg, dev, args.warmup, args.steps, shards, *kept, flops))
     del kept
     seed_note = "skipped (--no-seed)" if args.no_seed else "not found"
     if seed_path is not None:
@@ -477,7 +447,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
             "variant": cfg.model.variant, "n_way": e.n_way, "k_shot": e.k_shot, "n_query": e.n_query,
             "episodes_per_step": e.episodes_per_step, "grad_accum": cfg.optim.grad_accum,
             "image_size": cfg.data.image_size, "feature_dim": cfg.model.feature_dim,
-            "precision": str(autocast_dtype(cfg) or "fp32").replace("torch.", ""),
+            "precision": precision_name(cfg),
             "channels_last": cfg.model.channels_last, "compile": cfg.model.compile,
             "fused_adamw": cfg.optim.fused and dev.type == "cuda", "episode_mode": e.mix or e.mode,
             "augment": cfg.augment.enabled, "cache_on_device": cfg.data.cache_on_device,
@@ -494,22 +464,16 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def fresh_checkpoint(cfg: Config, folder: Path) -> Path:
     """A randomly initialised model saved as `fsct train` saves one (speed does not depend on the weights)."""
-    from safetensors.torch import save_file
-
     from fsct.model.panet import PANet
 
-    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
-    model = PANet(replace(cfg.model, compile=False))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(folder / "model.safetensors"))
-    save_config(cfg, folder / "config.yaml")
+    save_model(PANet(replace(cfg.model, compile=False)), cfg, folder)
     return folder
 
 
 def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
-    from fsct.data.shards import load_split, read_index
-    from fsct.predict import load_checkpoint, predict_batch, support_prototypes
+    from fsct.data.pool import load_split, read_index
+    from fsct.predict import predict_batch, support_prototypes
 
     if args.slices < 1 or args.warmup < 0:
         raise FsctError(f"--slices {args.slices} / --warmup {args.warmup}: need slices >= 1 and warmup >= 0")
@@ -521,7 +485,7 @@ def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
             ckpt = fresh_checkpoint(fresh, Path(tmp) / "model")
         else:
             ckpt = args.checkpoint
-        model, cfg = load_checkpoint(ckpt, args.overrides)
+        model, cfg = load_model(ckpt, args.overrides)
         model.to(dev)
         if args.shards is not None:
             shards = args.shards
@@ -585,8 +549,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--shards", type=Path, help="shard folder (default: a small synthetic set in a temp dir)")
     t.add_argument("--steps", type=int, default=50, help="timed optimizer steps per measurement")
     t.add_argument("--warmup", type=int, default=10, help="untimed steps before (compilation, autotuning)")
-    t.add_argument("--seed-baseline", type=Path,
-                   help="seed_baseline.py (default: ../shared/tools/, .device/)")
+    t.add_argument("--seed-baseline", type=Path, metavar="PATH",
+                   help="the seed notebook's model as a script (default: tests/fixtures/seed_baseline.py)")
     t.add_argument("--no-seed", action="store_true", help="skip the seed baseline")
     t.add_argument("--compare-compile", action="store_true",
                    help="time the model-only step both eager and with torch.compile")

@@ -39,6 +39,11 @@ class EpisodeConfig:
     episodes_per_step: int = 1  # episodes stacked into one forward pass
     min_pixels: int = 64  # a structure smaller than this (at full size) is not a usable way
 
+    @property
+    def effective_mix(self) -> dict[str, float]:
+        """The episode kinds drawn, with their weights: `mix`, or else `mode` alone."""
+        return dict(self.mix) if self.mix else {self.mode: 1.0}
+
 
 @dataclass
 class AugmentConfig:
@@ -198,6 +203,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     except (TypeError, ValueError) as e:
         raise FsctError(f"config: {where}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from e
     return value
+
+
+def check_choices(section: Any, prefix: str) -> None:
+    """The Literal-typed fields of a config section built in code (load_config checks them as it reads)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        if typing.get_origin(hints[f.name]) is Literal:
+            _coerce(hints[f.name], getattr(section, f.name), f"{prefix}.{f.name}")
 
 
 def _is_unspaced_flow_mapping(value: Any) -> bool:

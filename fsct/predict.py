@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from fsct.atomic import atomic_file, fault_point, remove_stale
-from fsct.config import Config, PredictConfig, load_config, to_dict
+from fsct.checkpoint import load_model, weights_path
+from fsct.config import Config, PredictConfig, to_dict
 from fsct.data.challenge import list_images, read_image
-from fsct.data.shards import Pool, key_order, load_split, rank_subset
+from fsct.data.pool import Pool, key_order, load_split, normalise, rank_subset, to_unit
 from fsct.errors import FsctError
 from fsct.lock import locked
 from fsct.malloc import keep_freed_memory
@@ -31,27 +32,6 @@ from fsct.progress import track
 from fsct.submission import write_submission
 
 OUT_SIZE = 512
-
-
-def load_checkpoint(path: Path | str, overrides: list[str] | None = None) -> tuple[PANet, Config]:
-    """A folder with model.safetensors + config.yaml (a run's output dir, its best/, or the file itself)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    folder = path.parent if path.suffix == ".safetensors" else path
-    weights = path if path.suffix == ".safetensors" else folder / "model.safetensors"
-    if not weights.is_file() or not (folder / "config.yaml").is_file():
-        raise FsctError(f"{path}: not a checkpoint (needs model.safetensors and config.yaml)")
-    cfg = load_config(folder / "config.yaml", overrides)
-    cfg.model.compile = False
-    cfg.model.pretrained = ""  # the checkpoint holds every weight: no pretrained file or hub needed here
-    model = PANet(cfg.model)
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError, SafetensorError) as e:
-        raise FsctError(f"{weights}: cannot load weights ({str(e).splitlines()[0]})") from e
-    return model.eval(), cfg
 
 
 @dataclass
@@ -91,29 +71,20 @@ def support_prototypes(model: PANet, pool: Pool, cfg: PredictConfig, device: tor
     weight[:, 0] = 1
     for j, c in enumerate(ids, start=1):
         weight[[row[s] for s in chosen[int(c)]], j] = 1
-    sums = counts = None
-    for start in range(0, len(used), cfg.batch_size):
-        idx = used[start:start + cfg.batch_size]
-        x = _normalise(torch.from_numpy(pool.images[idx]).to(device)).unsqueeze(1)
-        feats = model.features(x).float()
-        onehot = model.support_onehot(lut[torch.from_numpy(pool.masks[idx]).long()].to(device), k,
-                                      feats.shape[-2:])
-        w = weight[start:start + len(idx)].to(device)
-        s = torch.einsum("bchw,bkhw,bk->kc", feats, onehot, w)
-        n = torch.einsum("bkhw,bk->k", onehot, w)
-        sums, counts = (s, n) if sums is None else (sums + s, counts + n)
-    protos = sums[: k - 1] / (counts[: k - 1, None] + model.eps)
-    if model.variant == "seed":
-        protos[0] = 0  # the notebook has no background prototype
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(used), cfg.batch_size):
+            idx = used[start:start + cfg.batch_size]
+            x = normalise(to_unit(torch.from_numpy(pool.images[idx]).to(device))).unsqueeze(1)
+            labels = lut[torch.from_numpy(pool.masks[idx]).long()].to(device)
+            yield x, labels, weight[start:start + len(idx)].to(device)
+
+    protos = model.support_prototypes(batches(), k - 1)
     return Prototypes(ids, protos)
 
 
-def _normalise(u8: torch.Tensor) -> torch.Tensor:
-    return (u8.float() / 255.0 - 0.5) / 0.5
-
-
 def _input(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    return F.interpolate(_normalise(images).unsqueeze(1), size=(image_size, image_size), mode="bilinear",
+    return F.interpolate(normalise(to_unit(images)).unsqueeze(1), size=(image_size, image_size), mode="bilinear",
                          align_corners=False, antialias=True)
 
 
@@ -126,9 +97,7 @@ def predict_batch(model: PANet, protos: Prototypes, images: torch.Tensor, cfg: P
     feats = model.features(x).float()
     if cfg.tta_flip:
         feats = 0.5 * (feats + model.features(x.flip(-1)).float().flip(-1))
-    logits = model.logits(feats, protos.protos)
-    if model.variant == "seed":
-        logits[:, 0] = -torch.inf
+    logits = model.class_logits(feats, protos.protos)
     up = F.interpolate(logits, size=(OUT_SIZE, OUT_SIZE), mode="bilinear", align_corners=False)
     ids = torch.cat([torch.zeros(1, dtype=torch.long), torch.from_numpy(protos.class_ids)]).to(up.device)
     labels = ids[up.argmax(1)]
@@ -223,17 +192,13 @@ def fingerprint(checkpoint_weights: Path, cfg: Config, support: Path, support_sp
     return h.hexdigest()
 
 
-def _weights(checkpoint: Path) -> Path:
-    return checkpoint if checkpoint.suffix == ".safetensors" else checkpoint / "model.safetensors"
-
-
 def _predict_locked(acc, checkpoint: Path, support: Path, images: Path, out: Path, support_split: str,
                     images_split: str, overrides: list[str] | None) -> None:
     rank, world, dev = acc.process_index, acc.num_processes, acc.device
-    model, cfg = load_checkpoint(checkpoint, overrides)
+    model, cfg = load_model(checkpoint, overrides)
     pcfg = cfg.predict
     model.to(dev)
-    fp = fingerprint(_weights(checkpoint), cfg, support, support_split, images, images_split, world)
+    fp = fingerprint(weights_path(checkpoint), cfg, support, support_split, images, images_split, world)
     if acc.is_main_process:
         _prepare_parts(out, fp)
     acc.wait_for_everyone()
@@ -242,8 +207,6 @@ def _predict_locked(acc, checkpoint: Path, support: Path, images: Path, out: Pat
     if _part_done(part, queries.keys, fp):
         acc.print(f"rank {rank}: {part} already complete, skipped", flush=True)
     else:
-        if pcfg.mode not in ("class", "partition"):
-            raise FsctError(f"config: predict.mode={pcfg.mode!r} is not class or partition")
         learned = pcfg.mode == "partition" and pcfg.partition_split in ("learned", "boundary")
         if learned and not model.dense_head:
             raise FsctError(f"{checkpoint}: predict.partition_split={pcfg.partition_split} needs a model "

@@ -1,4 +1,5 @@
-"""Progress for long jobs: a rich bar on a terminal, plain periodic lines in a SLURM log."""
+"""Progress for long jobs (`track`) and for training steps (`StepProgress`): a rich bar on a terminal,
+plain periodic lines in a SLURM log."""
 
 from __future__ import annotations
 
@@ -52,3 +53,39 @@ def track(items: Iterable[T], total: int | None = None, desc: str = "", every_s:
             print(f"{desc}: {n}{of} ({n / (now - t0):.1f}/s)", flush=True)
     of = f"/{total}" if total else ""
     print(f"{desc}: {n}{of} done in {time.monotonic() - t0:.1f}s", flush=True)
+
+
+class StepProgress:
+    """Training steps: a rich bar with loss, lr and episodes/s on a terminal; plain one-line summaries in a
+    log file. Silent where not enabled (every rank but the main one)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled, self.total, self.bar = enabled, total, None
+        if enabled and is_terminal():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[info]}"))
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, logs: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        info = f"loss {logs['train/loss']:.4f} lr {logs['train/lr']:.2e} {logs['perf/episodes_per_s']:.1f} ep/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        else:
+            print(f"step {step}/{self.total} {info}", flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

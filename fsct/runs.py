@@ -1,29 +1,20 @@
-"""A training run's output dir: what is in it, whether a new `fsct train` may write there, which
-checkpoint a resume can trust, and the small records that must survive a crash."""
+"""A training run's output dir: what is in it, whether a new `fsct train` may write there, and the small
+records that must survive a crash (its checkpoints: fsct.checkpoint)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
-import struct
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 from fsct.atomic import atomic_file, remove_stale
+from fsct.checkpoint import checkpoints, clear_partial
 from fsct.errors import FsctError
 
-CKPT_PREFIX = "step_"
-PARTIAL = ".partial-"
 # What `fsct train` writes into its output dir (and what --overwrite removes; nothing else is touched).
 RUN_FILES = ("checkpoints", "best", "model.safetensors", "config.yaml", "metrics.jsonl", "DONE", "PREEMPTED",
              "PREEMPT", "wandb_id.txt", "wandb")
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """Committed checkpoints, oldest first (a checkpoint is renamed into place only once complete)."""
-    return sorted(p for p in (out / "checkpoints").glob(f"{CKPT_PREFIX}*") if p.is_dir())
 
 
 def describe_run(out: Path) -> str | None:
@@ -56,82 +47,9 @@ def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, main: bool) 
                 shutil.rmtree(p)
             elif p.exists() or p.is_symlink():
                 p.unlink()
-    for partial in (out / "checkpoints").glob(f"{PARTIAL}*"):  # checkpoints a killed run did not finish
-        shutil.rmtree(partial, ignore_errors=True)
+    clear_partial(out)  # checkpoints a killed run did not finish
     for name in ("metrics.jsonl", "wandb_id.txt"):  # atomic rewrites a kill interrupted
         remove_stale(out / name)
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """The header names every tensor's byte range: a short or empty file cannot match it."""
-    size = path.stat().st_size
-    if size < 8:
-        return f"{path.name} is {size} bytes"
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            return f"{path.name} is truncated (header of {n} bytes in a {size}-byte file)"
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            return f"{path.name} has a corrupt header"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        return f"{path.name} is {size} bytes, its header says {8 + n + end}"
-    return None
-
-
-def file_problem(path: Path) -> str | None:
-    """Why a checkpoint file cannot be loaded, judged without loading it; None when it looks whole."""
-    if path.suffix == ".safetensors":
-        return _safetensors_problem(path)
-    if path.suffix == ".bin" and zipfile.is_zipfile(path):  # torch.save's zip layout: CRC-check members
-        try:
-            with zipfile.ZipFile(path) as z:
-                bad = z.testzip()
-        except (zipfile.BadZipFile, OSError) as e:
-            return f"{path.name}: {e}"
-        return f"{path.name}: member {bad} is damaged" if bad else None
-    if path.suffix in (".bin", ".pkl", ".pt") and path.stat().st_size == 0:
-        return f"{path.name} is empty"
-    if path.suffix in (".bin", ".pt"):
-        return f"{path.name} is not a torch zip file"
-    return None
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    state = path / "trainer_state.json"
-    if not state.is_file():
-        return "no trainer_state.json"
-    try:
-        json.loads(state.read_text())
-    except ValueError:
-        return "trainer_state.json is corrupt"
-    for f in sorted(path.iterdir()):
-        if f.is_file():
-            problem = file_problem(f)
-            if problem:
-                return problem
-    return None
-
-
-def find_checkpoint(out: Path, resume: str | None, log: Callable[[str], None] = print) -> Path | None:
-    """The checkpoint to resume from: `resume` itself, or with 'auto' the newest complete and loadable one
-    in `out` (saying which newer ones it skipped and why); None when 'auto' finds none."""
-    if not resume:
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        problem = checkpoint_problem(path) if path.is_dir() else "not a folder"
-        if problem:
-            raise FsctError(f"{path}: not a usable checkpoint ({problem})")
-        return path
-    for path in reversed(checkpoints(out)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        log(f"skipped checkpoint {path}: {problem}")
-    return None
 
 
 def write_text(path: Path, text: str) -> None:

@@ -13,12 +13,12 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,26 +26,26 @@ import torch.nn as nn
 import yaml
 
 from fsct import launch
+from fsct.checkpoint import checkpoints, find_checkpoint, load_checkpoint, save_checkpoint, save_model
 from fsct.config import Config, load_config, save_config, to_dict
-from fsct.data.episodes import Batch, Episode, EpisodeSampler, EpisodeStream, PoolTensors, make_batch, step_generator
-from fsct.data.shards import Pool, load_split, rank_subset, read_index
+from fsct.data.episodes import (
+    Batch,
+    EpisodeSampler,
+    PoolTensors,
+    TrainData,
+    episode_batches,
+    load_train_data,
+    make_batch,
+)
+from fsct.data.pool import load_split, read_index
+from fsct.engine import StepResult, make_accelerator, make_optimizer, train_step
 from fsct.errors import FsctError
 from fsct.lock import locked
 from fsct.malloc import keep_freed_memory
 from fsct.metrics import episode_miou, official_score_slice
 from fsct.model.panet import build_model
-from fsct.progress import is_terminal
-from fsct.runs import (
-    CKPT_PREFIX,
-    PARTIAL,
-    EpisodeAudit,
-    checkpoints,
-    prepare_run_dir,
-    truncate_metrics,
-    write_json,
-    write_text,
-)
-from fsct.runs import find_checkpoint as _find_checkpoint
+from fsct.progress import StepProgress
+from fsct.runs import EpisodeAudit, prepare_run_dir, truncate_metrics, write_json, write_text
 
 
 @dataclass
@@ -73,31 +73,6 @@ class StopFlag:
         return self.signalled or (is_main and self.preempt_file.exists())
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup then cosine to min_lr_ratio; a function of the step, so resuming needs no state."""
-    o, total = cfg.optim, max(cfg.train.max_steps, 1)
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    t = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def make_optimizer(model: nn.Module, cfg: Config, dev: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused where the device supports it (one kernel for all parameters)."""
-    o = cfg.optim
-    return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
-                             fused=o.fused and dev.type == "cuda")
-
-
-def resolve_precision(cfg: Config) -> str:
-    return launch.resolve_precision(cfg.train.mixed_precision, torch.cuda.is_available())
-
-
-def find_checkpoint(out: Path, resume: str | None) -> Path | None:
-    """`resume` itself, or with 'auto' the newest complete and loadable checkpoint (see fsct.runs)."""
-    return _find_checkpoint(out, resume)
-
-
 def param_digest(model: nn.Module, buffers: bool = False) -> str:
     """A short hash of the weights (and, with buffers, BatchNorm statistics: those stay per rank in DDP)."""
     h = hashlib.sha256()
@@ -120,141 +95,191 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Tr
 
 
 def _train(cfg: Config, resume: str | None) -> TrainerState:
-    from accelerate import Accelerator
+    """The run in order; each line is one named step, defined below."""
     from accelerate.utils import set_seed
 
-    out = Path(cfg.train.output_dir)
-    tracker = cfg.train.tracker
-    use_wandb = tracker == "wandb"
     launch.prepare_launch(torch.cuda.is_available())
-    acc = Accelerator(mixed_precision=resolve_precision(cfg), gradient_accumulation_steps=cfg.optim.grad_accum,
-                      log_with=launch.log_with(tracker), project_dir=str(out))
-    rank, world, dev = acc.process_index, acc.num_processes, acc.device
-    stop = StopFlag(out / "PREEMPT")
+    run = start_run(cfg)
+    set_seed(cfg.train.seed)  # same init on every rank
+    data = load_train_data(cfg, run.rank, run.world)
+    val = _val_setup(cfg, Path(cfg.data.shards))
+    model = build_model(cfg.model)
+    model, opt = run.acc.prepare(model, make_optimizer(model, cfg, run.acc.device))
+    state, ckpt = resume_state(run, resume)
+    start_tracking(run, state)
+    audit = EpisodeAudit.load(ckpt, run.rank)  # which slices this rank trained on, for rank{r}.json
+    next_batch = audited_batches(run, data, state.step, audit)
+    start_progress(run, state.step)
+    while state.step < cfg.train.max_steps:
+        result = train_step(run.acc, model, opt, next_batch, state.step, cfg)
+        state.step += 1
+        audit.end_step()
+        log_step(run, state.step, result)
+        if validation_due(cfg, state.step, val) and validate_and_keep_best(run, model, val, state):
+            break  # early stop
+        if stop_requested(run):
+            preempt(run, state, audit)
+            return state
+        if cfg.train.save_every > 0 and state.step % cfg.train.save_every == 0:
+            checkpoint(run, state, audit)
+    finish(run, model, state, data, audit)
+    return state
+
+
+@dataclass
+class Run:
+    """What the steps of one training run share."""
+
+    cfg: Config
+    acc: Any
+    out: Path
+    stop: StopFlag
+    progress: StepProgress | None = None
+    last_panel: int = -1  # step of the last W&B image panel
+    log_t: float = 0.0  # throughput since the last log line
+    log_eps: int = 0
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+
+def start_run(cfg: Config) -> Run:
+    """The Accelerator, the stop flag, and the run's config in its output dir."""
+    out = Path(cfg.train.output_dir)
+    acc = make_accelerator(cfg, log_with=launch.log_with(cfg.train.tracker), project_dir=str(out))
+    run = Run(cfg, acc, out, StopFlag(out / "PREEMPT"))
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         (out / "DONE").unlink(missing_ok=True)
-    set_seed(cfg.train.seed)  # same init on every rank
+    return run
 
-    # --- data: each rank reads its own shards into memory; episodes are index draws on that pool
-    shards = Path(cfg.data.shards)
-    names, keys = rank_subset(shards, cfg.data.train_split, rank, world)
-    modes = set(cfg.episodes.mix or {cfg.episodes.mode: 1})
-    pool = load_split(shards, cfg.data.train_split, names, cfg.data.image_size, keys)
-    sp_pool = superpixel_pool(cfg, shards, rank, world) if "superpixel" in modes else None
-    sampler = EpisodeSampler(pool, cfg.episodes, cfg.train.seed, rank, superpixel_pool=sp_pool)
-    val = _val_setup(cfg, shards)
 
-    model = build_model(cfg.model)
-    opt = make_optimizer(model, cfg, dev)
-    # the loss is computed inside forward (q_lbl given), so DDP's gradient hooks see it all
-    step_fn, opt = acc.prepare(model, opt)
-
+def resume_state(run: Run, resume: str | None) -> tuple[TrainerState, Path | None]:
+    """The trainer state to start from: a fresh one, or the checkpoint's (Accelerate's state restored)."""
+    ckpt = find_checkpoint(run.out, resume, log=lambda m: run.acc.print(m, flush=True))
     state = TrainerState()
-    ckpt = _find_checkpoint(out, resume, log=lambda m: acc.print(m, flush=True))
     if ckpt is not None:
-        try:
-            acc.load_state(str(ckpt))
-        except (RuntimeError, OSError, ValueError, KeyError, EOFError) as e:
-            raise FsctError(f"{ckpt}: cannot load checkpoint ({str(e).splitlines()[0]}); pass --resume "
-                            "with an older checkpoints/step_* dir") from e
-        state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
-        acc.print(f"resumed from {ckpt} at step {state.step}", flush=True)
-    elif resume == "auto" and checkpoints(out):
-        raise FsctError(f"{out / 'checkpoints'}: no loadable checkpoint to resume from")
-    if acc.is_main_process:
-        truncate_metrics(out / "metrics.jsonl", state.step)  # rows after the checkpoint come again
-    if acc.is_main_process and state.wandb_id is None:
-        state.wandb_id = _wandb_id(out)
+        state = TrainerState(**load_checkpoint(run.acc, ckpt))
+        run.acc.print(f"resumed from {ckpt} at step {state.step}", flush=True)
+    elif resume == "auto" and checkpoints(run.out):
+        raise FsctError(f"{run.out / 'checkpoints'}: no loadable checkpoint to resume from")
+    if run.acc.is_main_process:
+        truncate_metrics(run.out / "metrics.jsonl", state.step)  # rows after the checkpoint come again
+    return state, ckpt
+
+
+def start_tracking(run: Run, state: TrainerState) -> None:
+    """W&B (or another tracker) on the main process, continuing the run's id across resumes."""
+    tracker = run.cfg.train.tracker
+    if run.acc.is_main_process and state.wandb_id is None:
+        state.wandb_id = _wandb_id(run.out)
     if tracker != "none":
-        acc.init_trackers(cfg.train.project, config=to_dict(cfg),
-                          init_kwargs=launch.tracker_init_kwargs(tracker, cfg.train, out, state.wandb_id))
-        launch.define_best_metrics(acc, tracker, cfg.train.best_metric)
-    last_panel = -1
+        run.acc.init_trackers(run.cfg.train.project, config=to_dict(run.cfg),
+                              init_kwargs=launch.tracker_init_kwargs(tracker, run.cfg.train, run.out, state.wandb_id))
+        launch.define_best_metrics(run.acc, tracker, run.cfg.train.best_metric)
 
-    batches = episode_batches(cfg, sampler, pool, sp_pool, state.step, dev)
-    drawn = EpisodeAudit.load(ckpt, rank)  # which slices this rank trained on, for the audit in rank{r}.json
-    progress = _Progress(cfg, acc.is_main_process, state.step)
-    log_t, log_eps = time.perf_counter(), 0
-    while state.step < cfg.train.max_steps:
-        step = state.step
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        for _ in range(cfg.optim.grad_accum):
-            episodes, batch = next(batches)
-            for ep in episodes:
-                keys = (sp_pool if ep.source == "superpixel" else pool).keys
-                drawn.update(" ".join(keys[i] for i in (*ep.support, *ep.query)).encode() + b";")
-            with acc.accumulate(step_fn):
-                with acc.autocast():
-                    terms = step_fn(batch.s_img, batch.s_lbl, batch.q_img, batch.n_way, q_lbl=batch.q_lbl,
-                                    raw=batch.raw)
-                acc.backward(terms["loss"])
-                grad_norm = acc.clip_grad_norm_(step_fn.parameters(), cfg.optim.grad_clip) \
-                    if acc.sync_gradients and cfg.optim.grad_clip > 0 else None
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        state.step += 1
-        drawn.end_step()
-        log_eps += cfg.episodes.episodes_per_step * cfg.optim.grad_accum * world
 
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-            now = time.perf_counter()
-            logs = {f"train/{k}": float(v.detach()) for k, v in terms.items() if k != "logits" and v.ndim == 0}
-            logs.update({"train/lr": lr, "perf/episodes_per_s": log_eps / (now - log_t)})
-            if grad_norm is not None:
-                logs["train/grad_norm"] = float(grad_norm)
-            if dev.type == "cuda":
-                logs["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            acc.log(logs, step=state.step)
-            _append_metrics(acc, out, state.step, logs)
-            progress.update(state.step, logs)
-            log_t, log_eps = now, 0
+def audited_batches(run: Run, data: TrainData, start: int, audit: EpisodeAudit) -> Callable[[], Batch]:
+    """The next micro-batch of this rank's episode stream, each episode's slices recorded in the audit."""
+    batches = episode_batches(run.cfg, data.sampler, data.pool, data.sp_pool, start, run.acc.device)
 
-        if val is not None and cfg.train.val_every > 0 and (
-                state.step % cfg.train.val_every == 0 or state.step == cfg.train.max_steps):
-            metrics, panel = validate(acc, step_fn, val, cfg)
-            acc.log(metrics, step=state.step)
-            _append_metrics(acc, out, state.step, metrics)
-            if use_wandb and acc.is_main_process and panel and launch.image_panel_due(
-                    state.step, last_panel, cfg.train.image_every):
-                _log_panel(acc, panel, state.step)
-                last_panel = state.step
-            progress.message(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            score = metrics[cfg.train.best_metric]
-            if score > state.best:
-                state.best, state.best_step, state.bad_validations = score, state.step, 0
-                _save_model(acc, step_fn, cfg, out / "best")
-            else:
-                state.bad_validations += 1
-            if 0 < cfg.train.patience <= state.bad_validations:
-                progress.message(f"early stop at step {state.step}: no better {cfg.train.best_metric} in "
-                                 f"{state.bad_validations} validations (best {state.best:.4f} at {state.best_step})")
-                break
+    def next_batch() -> Batch:
+        episodes, batch = next(batches)
+        for ep in episodes:
+            audit.update(" ".join(data.keys(ep)).encode() + b";")
+        return batch
 
-        if _stop_requested(acc, stop):
-            _checkpoint(acc, out, state, cfg, drawn)
-            if acc.is_main_process:
-                (out / "PREEMPT").unlink(missing_ok=True)
-                write_text(out / "PREEMPTED", f"{state.step}\n")
-            progress.close()
-            acc.print(f"preempted: checkpoint saved at step {state.step}", flush=True)
-            acc.end_training()
-            return state
-        if cfg.train.save_every > 0 and state.step % cfg.train.save_every == 0:
-            _checkpoint(acc, out, state, cfg, drawn)
+    return next_batch
 
-    progress.close()
-    _checkpoint(acc, out, state, cfg, drawn)
-    _save_model(acc, step_fn, cfg, out)
-    final = acc.unwrap_model(step_fn)
-    write_json(out / f"rank{rank}.json", {
-        "rank": rank, "step": state.step, "params": param_digest(final),
-        "state": param_digest(final, buffers=True), "pool_keys": pool.keys,
+
+def start_progress(run: Run, step: int) -> None:
+    """The progress bar (main process), and the throughput clock started at the first step."""
+    run.progress = StepProgress(run.cfg.train.max_steps, step, run.acc.is_main_process)
+    run.log_t, run.log_eps = time.perf_counter(), 0
+
+
+def log_step(run: Run, step: int, result: StepResult) -> None:
+    """Every log_every steps (and the last): loss terms, lr, throughput to the tracker, metrics.jsonl, bar."""
+    cfg = run.cfg
+    run.log_eps += cfg.episodes.episodes_per_step * cfg.optim.grad_accum * run.world
+    if step % cfg.train.log_every != 0 and step != cfg.train.max_steps:
+        return
+    now = time.perf_counter()
+    logs = {f"train/{k}": float(v.detach()) for k, v in result.terms.items() if k != "logits" and v.ndim == 0}
+    logs.update({"train/lr": result.lr, "perf/episodes_per_s": run.log_eps / (now - run.log_t)})
+    if result.grad_norm is not None:
+        logs["train/grad_norm"] = float(result.grad_norm)
+    if run.acc.device.type == "cuda":
+        logs["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    run.acc.log(logs, step=step)
+    _append_metrics(run, step, logs)
+    run.progress.update(step, logs)
+    run.log_t, run.log_eps = now, 0
+
+
+def validation_due(cfg: Config, step: int, val: ValSet | None) -> bool:
+    return val is not None and cfg.train.val_every > 0 and (
+        step % cfg.train.val_every == 0 or step == cfg.train.max_steps)
+
+
+def validate_and_keep_best(run: Run, model: nn.Module, val: ValSet, state: TrainerState) -> bool:
+    """Validate, log, save best/ on a new best; True when patience has run out (early stop)."""
+    cfg, acc, step = run.cfg, run.acc, state.step
+    metrics, panel = validate(acc, model, val, cfg)
+    acc.log(metrics, step=step)
+    _append_metrics(run, step, metrics)
+    if cfg.train.tracker == "wandb" and acc.is_main_process and panel and launch.image_panel_due(
+            step, run.last_panel, cfg.train.image_every):
+        _log_panel(acc, panel, step)
+        run.last_panel = step
+    run.progress.message(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    score = metrics[cfg.train.best_metric]
+    if score > state.best:
+        state.best, state.best_step, state.bad_validations = score, step, 0
+        _save_model(run, model, run.out / "best")
+    else:
+        state.bad_validations += 1
+    if 0 < cfg.train.patience <= state.bad_validations:
+        run.progress.message(f"early stop at step {step}: no better {cfg.train.best_metric} in "
+                             f"{state.bad_validations} validations (best {state.best:.4f} at {state.best_step})")
+        return True
+    return False
+
+
+def checkpoint(run: Run, state: TrainerState, audit: EpisodeAudit) -> None:
+    save_checkpoint(run.acc, run.out, state.step, asdict(state), run.cfg.train.keep_checkpoints,
+                    lambda folder: audit.save(folder, run.rank, state.step))
+
+
+def preempt(run: Run, state: TrainerState, audit: EpisodeAudit) -> None:
+    """Checkpoint now and leave PREEMPTED (the step) for the launcher, which requeues the job."""
+    checkpoint(run, state, audit)
+    if run.acc.is_main_process:
+        (run.out / "PREEMPT").unlink(missing_ok=True)
+        write_text(run.out / "PREEMPTED", f"{state.step}\n")
+    run.progress.close()
+    run.acc.print(f"preempted: checkpoint saved at step {state.step}", flush=True)
+    run.acc.end_training()
+
+
+def finish(run: Run, model: nn.Module, state: TrainerState, data: TrainData, audit: EpisodeAudit) -> None:
+    """Last checkpoint, the model file, this rank's audit (rank{r}.json) and DONE."""
+    cfg, acc, out = run.cfg, run.acc, run.out
+    run.progress.close()
+    checkpoint(run, state, audit)
+    _save_model(run, model, out)
+    final = acc.unwrap_model(model)
+    write_json(out / f"rank{run.rank}.json", {
+        "rank": run.rank, "step": state.step, "params": param_digest(final),
+        "state": param_digest(final, buffers=True), "pool_keys": data.pool.keys,
         "episodes": state.step * cfg.optim.grad_accum * cfg.episodes.episodes_per_step,
-        "episodes_digest": drawn.digest[:16]})
+        "episodes_digest": audit.digest[:16]})
     if acc.is_main_process:
         (out / "PREEMPTED").unlink(missing_ok=True)
         write_text(out / "DONE", json.dumps(asdict(state)) + "\n")
@@ -262,24 +287,28 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
                   + (f"; best {cfg.train.best_metric} {state.best:.4f} at step {state.best_step}"
                      if state.best_step >= 0 else ""), flush=True)
     if cfg.train.log_model:
-        launch.log_best_model(acc, tracker, out, state.best_step)
+        launch.log_best_model(acc, cfg.train.tracker, out, state.best_step)
     acc.end_training()
-    return state
 
 
-def _stop_requested(acc, stop: StopFlag) -> bool:
+def _save_model(run: Run, model: nn.Module, folder: Path) -> None:
+    if run.acc.is_main_process:
+        save_model(run.acc.unwrap_model(model), run.cfg, folder)
+
+
+def stop_requested(run: Run) -> bool:
     """All ranks agree (max over ranks), so they checkpoint at the same step. A single process skips the
     collective: its .item() would make the host wait for the GPU every step."""
-    local = stop.local(acc.is_main_process)
-    if acc.num_processes == 1:
+    local = run.stop.local(run.acc.is_main_process)
+    if run.world == 1:
         return local
-    return acc.reduce(torch.tensor([float(local)], device=acc.device), "max").item() > 0
+    return run.acc.reduce(torch.tensor([float(local)], device=run.acc.device), "max").item() > 0
 
 
-def _append_metrics(acc, out: Path, step: int, values: dict[str, float]) -> None:
+def _append_metrics(run: Run, step: int, values: dict[str, float]) -> None:
     """metrics.jsonl in the output dir: the run's history without W&B (and for scripts comparing runs)."""
-    if acc.is_main_process:
-        with open(out / "metrics.jsonl", "a") as f:
+    if run.acc.is_main_process:
+        with open(run.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
 
@@ -290,34 +319,6 @@ def _wandb_id(out: Path) -> str:
     run_id = hashlib.sha1(f"{out.resolve()}{time.time()}".encode()).hexdigest()[:12]
     write_text(path, run_id + "\n")
     return run_id
-
-
-def superpixel_pool(cfg: Config, shards: Path, rank: int, world: int) -> Pool:
-    """This rank's share of the unlabelled split, whose superpixel maps feed superpixel episodes."""
-    split = cfg.data.unlabeled_split
-    names, keys = rank_subset(shards, split, rank, world)
-    return load_split(shards, split, names, cfg.data.image_size, keys)
-
-
-def episode_batches(cfg: Config, sampler: EpisodeSampler, pool: Pool, sp_pool: Pool | None, start: int,
-                    dev: torch.device) -> Iterator[tuple[list[Episode], Batch]]:
-    """(episodes, batch) for micro-steps from start * grad_accum on, batch on `dev`: built on the device
-    from a device-side pool (the fast path), or on the CPU by DataLoader workers."""
-    first, stop = start * cfg.optim.grad_accum, cfg.train.max_steps * cfg.optim.grad_accum
-    if cfg.data.num_workers > 0:
-        stream = EpisodeStream(sampler, pool, cfg.augment, first, stop, sp_pool)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
-                                             pin_memory=dev.type == "cuda", persistent_workers=False)
-        for step, batch in loader:
-            yield sampler.step(step), batch.to(dev)
-        return
-    where = dev if cfg.data.cache_on_device else torch.device("cpu")
-    tensors = PoolTensors.from_pool(pool, where)
-    sp = PoolTensors.from_pool(sp_pool, where) if sp_pool is not None else None
-    for micro in range(first, stop):
-        gen = step_generator(sampler.seed, sampler.rank, micro, where)
-        episodes = sampler.step(micro)
-        yield episodes, make_batch(episodes, tensors, cfg.episodes.n_way, cfg.augment, gen, sp).to(dev)
 
 
 @dataclass
@@ -333,7 +334,7 @@ def _val_setup(cfg: Config, shards: Path) -> ValSet | None:
     pool = load_split(shards, cfg.data.val_split, size=cfg.data.image_size)
     held_out = set(index.get("val_classes") or []) or None  # novel-class validation when classes are held out
     # Validation scores true masks: superpixel ways are pseudo-labels, and the val split has none.
-    mix = {m: w for m, w in (cfg.episodes.mix or {cfg.episodes.mode: 1.0}).items() if m != "superpixel"}
+    mix = {m: w for m, w in cfg.episodes.effective_mix.items() if m != "superpixel"}
     val_cfg = type(cfg.episodes)(**{**asdict(cfg.episodes), "episodes_per_step": 1,
                                     "mix": mix or {"slice": 1.0}})
     try:
@@ -414,80 +415,6 @@ def _log_panel(acc, panel: list, step: int) -> None:
         "prediction": {"mask_data": pred.astype(np.uint8)}, "ground_truth": {"mask_data": truth.astype(np.uint8)}},
         caption=f"query {j}") for j, (img, pred, truth) in enumerate(panel)]
     acc.get_tracker("wandb", unwrap=True).log({"val/queries": images}, step=step)
-
-
-def _checkpoint(acc, out: Path, state: TrainerState, cfg: Config, audit: EpisodeAudit) -> None:
-    """Written under a hidden name and renamed into place once complete: a kill at any point leaves
-    either no checkpoint of this step or a whole one."""
-    name = f"{CKPT_PREFIX}{state.step:08d}"
-    path, partial = out / "checkpoints" / name, out / "checkpoints" / f"{PARTIAL}{name}"
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(partial))
-    audit.save(partial, acc.process_index, state.step)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        write_json(partial / "trainer_state.json", asdict(state))
-        if path.exists():  # the same step saved again (a resume that had nothing left to do)
-            old = path.with_name(f"{PARTIAL}old-{name}")
-            path.rename(old)
-            os.replace(partial, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, path)
-        old = checkpoints(out)
-        for stale in old[: max(0, len(old) - max(1, cfg.train.keep_checkpoints))]:
-            shutil.rmtree(stale, ignore_errors=True)
-    acc.wait_for_everyone()
-
-
-def _save_model(acc, step_fn: nn.Module, cfg: Config, folder: Path) -> None:
-    """safetensors weights beside the resolved config: what `fsct predict --checkpoint` reads."""
-    from safetensors.torch import save_file
-
-    if acc.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(step_fn).state_dict().items()}
-        save_file(weights, str(folder / "model.safetensors.tmp"))
-        (folder / "model.safetensors.tmp").replace(folder / "model.safetensors")
-        save_config(cfg, folder / "config.yaml")
-
-
-class _Progress:
-    """A rich bar with loss and episodes/s on a terminal; plain one-line summaries in a log file."""
-
-    def __init__(self, cfg: Config, enabled: bool, start: int):
-        self.enabled, self.total, self.bar = enabled, cfg.train.max_steps, None
-        if enabled and is_terminal():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"))
-            self.task = self.bar.add_task("train", total=self.total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, step: int, logs: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        info = f"loss {logs['train/loss']:.4f} lr {logs['train/lr']:.2e} {logs['perf/episodes_per_s']:.1f} ep/s"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        else:
-            print(f"step {step}/{self.total} {info}", flush=True)
-
-    def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.console.print(text)
-        else:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

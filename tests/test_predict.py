@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from fsct.data.shards import load_split
-from fsct.predict import fingerprint, load_checkpoint, part_path, predict_batch, support_prototypes
+from fsct.checkpoint import load_model
+from fsct.data.pool import load_split
+from fsct.predict import fingerprint, part_path, predict_batch, support_prototypes
 from fsct.submission import read_submission
 from tests.conftest import REPO, fsct, fsct_env
 
@@ -42,7 +43,7 @@ def test_submission_is_exactly_the_prediction(checkpoint: Path, shards: Path, tm
     test = load_split(shards, "test")
     assert columns == [str(i) for i in range(4)] and masks.shape == (4, 512, 512)
 
-    model, cfg = load_checkpoint(checkpoint, ["predict.batch_size=3"])
+    model, cfg = load_model(checkpoint, ["predict.batch_size=3"])
     protos = support_prototypes(model, load_split(shards, "train", size=cfg.data.image_size), cfg.predict,
                                 torch.device("cpu"))
     order = np.argsort([int(k) for k in test.keys])
@@ -87,7 +88,7 @@ def test_rerun_reuses_finished_parts_and_redoes_corrupt_ones(checkpoint: Path, s
     part.parent.mkdir(parents=True)
     planted = np.full((len(keys), 512, 512), 7, np.uint8)  # what a crashed earlier run left behind
     # made by this checkpoint and these settings: parts carry that fingerprint (issue 15)
-    _, cfg = load_checkpoint(checkpoint, ["predict.batch_size=3"])
+    _, cfg = load_model(checkpoint, ["predict.batch_size=3"])
     fp = fingerprint(checkpoint / "model.safetensors", cfg, shards, "train", shards, "test", 1)
     (part.parent / "FINGERPRINT").write_text(fp + "\n")
     with open(part, "wb") as f:

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fsct.data.shards import load_split, verify
+from fsct.checkpoint import load_model
+from fsct.data.pool import load_split
+from fsct.data.shards import verify
 from fsct.errors import FsctError
 from fsct.lock import locked
-from fsct.predict import load_checkpoint, parts_dir
+from fsct.predict import parts_dir
 from fsct.runs import describe_run
 from tests.conftest import REPO, fsct_env
 
@@ -265,7 +267,7 @@ def test_5_damaged_model_file_is_one_line(ckpt: Path, shards: Path, tmp_path: Pa
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:2000] if damage == "truncated" else b"")
     with pytest.raises(FsctError, match="model.safetensors"):
-        load_checkpoint(bad)
+        load_model(bad)
     if damage == "truncated":
         out = tmp_path / "sub.csv"
         one_line_error(run(*predict_args(bad, shards, shards, out)), str(weights))

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fsct.data.shards import load_split, shard_dataset, verify
+from fsct.data.pool import load_split
+from fsct.data.shards import shard_dataset, verify
 from fsct.errors import FsctError
 from tests.conftest import fsct
 

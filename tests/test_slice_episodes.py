@@ -13,7 +13,8 @@ import torch
 from fsct.config import AugmentConfig, EpisodeConfig, load_config
 from fsct.data.challenge import read_image, read_labels
 from fsct.data.episodes import EpisodeSampler, PoolTensors, make_batch, step_generator
-from fsct.data.shards import Pool, class_counts
+from fsct.data.pool import Pool
+from fsct.data.shards import class_counts
 from fsct.data.superpixels import superpixels
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fsct.data.challenge import read_image, read_labels, write_labels
-from fsct.data.shards import load_split, shard_dataset
+from fsct.data.pool import load_split
+from fsct.data.shards import shard_dataset
 from fsct.data.superpixels import body_mask, felzenszwalb, superpixels
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

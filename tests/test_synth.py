@@ -16,7 +16,7 @@ from scipy import ndimage
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from fsct import cli  # noqa: E402
-from fsct.data import synth  # noqa: E402
+from fsct.data import anatomy, synth  # noqa: E402
 from fsct.data.superpixels import superpixels  # noqa: E402
 from fsct.errors import FsctError  # noqa: E402
 
@@ -58,7 +58,7 @@ def test_layout_csv_and_masks_match_generator(tiny: Path):
             np.testing.assert_array_equal(values[:, i].reshape(512, 512), sample.mask)
     # Test truth is the generator's full label map for the documented per-slice seed.
     rng = np.random.default_rng([TINY.seed, 1, 2])
-    image, truth = synth.generate_slice(rng, float(rng.uniform(0, 1)), lesion_prob=TINY.lesion_prob)
+    image, truth = anatomy.generate_slice(rng, float(rng.uniform(0, 1)), lesion_prob=TINY.lesion_prob)
     test = _read_csv(tiny / "Y_test.csv").to_numpy()
     np.testing.assert_array_equal(test[:, 2].reshape(512, 512), truth)
     assert (truth > 0).mean() > 0.05
@@ -70,7 +70,7 @@ def test_labelled_fraction_and_metadata(tiny: Path):
     values = _read_csv(tiny / "Y_train.csv").to_numpy()
     assert [bool(values[:, i].any()) for i in range(6)] == flags
     assert sum(flags) == 3
-    assert len(info["classes"]) == synth.N_CLASSES >= 30
+    assert len(info["classes"]) == anatomy.N_CLASSES >= 30
     assert sorted(info["test_only"]) == sorted(c["id"] for c in info["classes"] if c["test_only"])
     assert 3 <= len(info["test_only"]) <= 5
     s = synth.SynthSettings(n_train=2000, labelled_fraction=0.2)
@@ -93,19 +93,19 @@ def test_many_classes_and_ct_like_intensities():
     seen: set[int] = set()
     per_slice = []
     for k, z in enumerate(np.linspace(0.02, 0.98, 14)):
-        image, mask = synth.generate_slice(np.random.default_rng([5, 0, k]), float(z))
+        image, mask = anatomy.generate_slice(np.random.default_rng([5, 0, k]), float(z))
         ids = set(np.unique(mask).tolist()) - {0}
         per_slice.append(len(ids))
         seen |= ids
         assert image.dtype == np.uint8 and image.shape == (512, 512)
         assert image[:20, :20].max() == 0  # air outside the body
-        assert (image[mask == synth._id("vertebra")] >= 200).any() or z > 0.8
+        assert (image[mask == anatomy._id("vertebra")] >= 200).any() or z > 0.8
         for name, lo, hi in (("liver", 125, 145), ("lung_right", 0, 45), ("aorta", 150, 185)):
-            m = mask == synth._id(name)
+            m = mask == anatomy._id(name)
             if m.sum() > 500:
                 assert lo <= image[m].mean() <= hi, (name, z, image[m].mean())
     assert len(seen) >= 30
-    assert not seen & set(synth.TEST_ONLY_IDS)
+    assert not seen & set(anatomy.TEST_ONLY_IDS)
     assert np.mean(per_slice) >= 10
 
 
@@ -114,8 +114,8 @@ def test_test_only_classes_never_in_train():
                             lesion_prob=1.0)
     train = set().union(*(synth.make_sample(s, "train", i).classes for i in range(12)))
     test = set().union(*(synth.make_sample(s, "test", i).classes for i in range(12)))
-    assert not train & set(synth.TEST_ONLY_IDS)
-    assert len(test & set(synth.TEST_ONLY_IDS)) >= 3
+    assert not train & set(anatomy.TEST_ONLY_IDS)
+    assert len(test & set(anatomy.TEST_ONLY_IDS)) >= 3
 
 
 def test_partial_annotation_drops_whole_structures():
@@ -183,10 +183,10 @@ def _split_shares(sp: np.ndarray, region: np.ndarray) -> np.ndarray:
     (0.6, ("kidney_right", "kidney_left", "vertebra"), 1),
 ])
 def test_textures_split_intensity_superpixels_but_not_labels(level, names, seed):
-    image, truth = synth.generate_slice(np.random.default_rng([11, seed]), level)
+    image, truth = anatomy.generate_slice(np.random.default_rng([11, seed]), level)
     sp = superpixels(image)
     for name in names:
-        region = truth == synth._id(name)
+        region = truth == anatomy._id(name)
         assert region.sum() > 500, name
         # The label map keeps the structure whole: one id, essentially one connected piece.
         comps, n = ndimage.label(region)
@@ -197,10 +197,10 @@ def test_textures_split_intensity_superpixels_but_not_labels(level, names, seed)
 
 
 def test_liver_lesion_has_the_liver_intensity_and_superpixels_miss_it():
-    lesion, liver = synth._id("liver_lesion"), synth._id("liver")
+    lesion, liver = anatomy._id("liver_lesion"), anatomy._id("liver")
     found = 0
     for seed in range(4):
-        image, truth = synth.generate_slice(np.random.default_rng([12, seed]), 0.42, lesion_prob=1.0)
+        image, truth = anatomy.generate_slice(np.random.default_rng([12, seed]), 0.42, lesion_prob=1.0)
         les, host = truth == lesion, truth == liver
         if les.sum() < 200:
             continue

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from fsct.config import load_config
-from fsct.data.episodes import EpisodeSampler, EpisodeStream
-from fsct.data.shards import load_split, rank_subset
-from fsct.train import episode_batches
+from fsct.data.episodes import EpisodeSampler, EpisodeStream, episode_batches
+from fsct.data.pool import load_split, rank_subset
 from tests.conftest import REPO, fsct_env
 
 TINY = ["data.image_size=64", "model.feature_dim=32", "episodes.n_way=2", "episodes.k_shot=1",

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fsct.data.shards import file_sha256, load_split
+from fsct.data.pool import file_sha256, load_split
 
 
 def median_s(fn: Callable[[], object], n: int = 5) -> float:

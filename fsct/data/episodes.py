@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fsct.config import AugmentConfig, EpisodeConfig
+from fsct.config import AugmentConfig, Config, EpisodeConfig
 from fsct.data.augment import augment_batch
-from fsct.data.shards import Pool
+from fsct.data.pool import Pool, load_split, normalise, rank_subset, to_unit
 from fsct.errors import FsctError
 
 
@@ -107,10 +108,7 @@ class EpisodeSampler:
     def __init__(self, pool: Pool, cfg: EpisodeConfig, seed: int, rank: int = 0,
                  allowed_classes: set[int] | None = None, superpixel_pool: Pool | None = None):
         self.pool, self.cfg, self.seed, self.rank = pool, cfg, seed, rank
-        self.mix = dict(cfg.mix) if cfg.mix else {cfg.mode: 1.0}
-        unknown = set(self.mix) - set(DRAW)
-        if unknown:
-            raise FsctError(f"config: unknown episode mode(s) {sorted(unknown)} (known: {sorted(DRAW)})")
+        self.mix = cfg.effective_mix  # its kinds are DRAW's keys: a Literal checked when the config loads
         self.modes = sorted(self.mix)
         w = np.array([self.mix[m] for m in self.modes], dtype=np.float64)
         self.weights = w / w.sum()
@@ -191,14 +189,14 @@ def make_batch(episodes: list[Episode], pool: PoolTensors, n_way: int, augment: 
     s_img, s_raw = gather("support")
     q_img, q_raw = gather("query")
     S = s_img.shape[1]
-    img = torch.cat([s_img, q_img], 1).float().div_(255.0)
+    img = to_unit(torch.cat([s_img, q_img], 1))
     raw = torch.cat([s_raw, q_raw], 1)
     if augment is not None and augment.enabled:
         # Labels are sampled nearest, so remapping after the warp equals warping the remapped labels.
         flat_img, flat_raw = augment_batch(img.flatten(0, 1), raw.flatten(0, 1), augment, generator)
         img, raw = flat_img.view_as(img), flat_raw.view_as(raw)
     lbl = torch.gather(lut, 1, raw.flatten(1)).view_as(raw)  # per-episode remap via a 256-entry table
-    img = img.sub_(0.5).div_(0.5).unsqueeze(2)
+    img = normalise(img).unsqueeze(2)
     # Superpixel ids are pseudo-labels: their borders are intensity edges, not what the boundary head learns.
     mask_source = all(ep.source == "mask" for ep in episodes)
     return Batch(img[:, :S].contiguous(), lbl[:, :S].contiguous(), img[:, S:].contiguous(),
@@ -231,3 +229,54 @@ class EpisodeStream(IterableDataset):
             eps = self.sampler.step(step)
             gen = step_generator(self.sampler.seed, self.sampler.rank, step, "cpu")
             yield step, make_batch(eps, tensors, self.sampler.cfg.n_way, self.augment, gen, sp)
+
+
+@dataclass
+class TrainData:
+    """One rank's training data: its share of the train split (and of the unlabelled split when superpixel
+    episodes are drawn) decoded in memory, and the sampler that draws its episodes from them."""
+
+    pool: Pool
+    sp_pool: Pool | None
+    sampler: EpisodeSampler
+
+    def keys(self, ep: Episode) -> list[str]:
+        """The slice keys of an episode, support then query (what the episode audit records)."""
+        keys = (self.sp_pool if ep.source == "superpixel" else self.pool).keys
+        return [keys[i] for i in (*ep.support, *ep.query)]
+
+
+def load_train_data(cfg: Config, rank: int, world: int) -> TrainData:
+    shards = Path(cfg.data.shards)
+    names, keys = rank_subset(shards, cfg.data.train_split, rank, world)
+    pool = load_split(shards, cfg.data.train_split, names, cfg.data.image_size, keys)
+    sp_pool = superpixel_pool(cfg, shards, rank, world) if "superpixel" in cfg.episodes.effective_mix else None
+    return TrainData(pool, sp_pool, EpisodeSampler(pool, cfg.episodes, cfg.train.seed, rank, superpixel_pool=sp_pool))
+
+
+def superpixel_pool(cfg: Config, shards: Path, rank: int, world: int) -> Pool:
+    """This rank's share of the unlabelled split, whose superpixel maps feed superpixel episodes."""
+    split = cfg.data.unlabeled_split
+    names, keys = rank_subset(shards, split, rank, world)
+    return load_split(shards, split, names, cfg.data.image_size, keys)
+
+
+def episode_batches(cfg: Config, sampler: EpisodeSampler, pool: Pool, sp_pool: Pool | None, start: int,
+                    dev: torch.device) -> Iterator[tuple[list[Episode], Batch]]:
+    """(episodes, batch) for micro-steps from start * grad_accum on, batch on `dev`: built on the device
+    from a device-side pool (the fast path), or on the CPU by DataLoader workers."""
+    first, stop = start * cfg.optim.grad_accum, cfg.train.max_steps * cfg.optim.grad_accum
+    if cfg.data.num_workers > 0:
+        stream = EpisodeStream(sampler, pool, cfg.augment, first, stop, sp_pool)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+                                             pin_memory=dev.type == "cuda", persistent_workers=False)
+        for step, batch in loader:
+            yield sampler.step(step), batch.to(dev)
+        return
+    where = dev if cfg.data.cache_on_device else torch.device("cpu")
+    tensors = PoolTensors.from_pool(pool, where)
+    sp = PoolTensors.from_pool(sp_pool, where) if sp_pool is not None else None
+    for micro in range(first, stop):
+        gen = step_generator(sampler.seed, sampler.rank, micro, where)
+        episodes = sampler.step(micro)
+        yield episodes, make_batch(episodes, tensors, cfg.episodes.n_way, cfg.augment, gen, sp).to(dev)

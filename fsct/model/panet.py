@@ -30,19 +30,18 @@ under bf16 autocast and in channels_last.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsct.config import ModelConfig
+from fsct.config import ModelConfig, check_choices
 from fsct.errors import FsctError
 from fsct.model.backbones import build_encoder
 from fsct.model.decoder import UNetDecoder
 from fsct.model.encoder import ResNetEncoder
 
-VARIANTS = ("panet", "seed")
-DECODERS = ("none", "unet")
 # Seed variant's background channel: exp(-1e4 - x) is 0 in fp32, and -1e4 is exact in bf16 too.
 SEED_BG_LOGIT = -1.0e4
 PANET_EPS = 1e-5  # the official repo's guard on empty masks
@@ -70,14 +69,24 @@ def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size, mode: str) -> to
     return F.interpolate(flat, size=tuple(size), mode=mode, **kw).reshape(*lead, *flat.shape[-3:-2], *size)
 
 
+def masked_sums(feats: torch.Tensor, onehot: torch.Tensor, weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums behind masked average pooling, in fp32: feats (..., B, C, h, w), onehot (..., B, K, h, w) ->
+    feature sums (..., K, C) and pixel counts (..., K). `weight` (B, K) (unbatched only) counts slice b for
+    class k only where it is 1. Sums, not means, so that prediction can add them up over many batches."""
+    with _fp32(feats):
+        f, m = feats.float(), onehot.float()
+        if weight is None:
+            return torch.einsum("...bchw,...bkhw->...kc", f, m), m.sum(dim=(-4, -2, -1))
+        return torch.einsum("bchw,bkhw,bk->kc", f, m, weight), torch.einsum("bkhw,bk->k", m, weight)
+
+
 def masked_average(feats: torch.Tensor, onehot: torch.Tensor, eps: float = PANET_EPS) -> torch.Tensor:
     """Masked average pooling over all slices: feats (..., B, C, h, w), onehot (..., B, K, h, w) ->
     prototypes (..., K, C) in fp32 ((B,C,h,w) -> (K,C); (E,S,C,h,w) -> (E,K,C)). A class with no pixels
     gets a zero prototype (its cosine with anything is then 0)."""
     with _fp32(feats):
-        f, m = feats.float(), onehot.float()
-        sums = torch.einsum("...bchw,...bkhw->...kc", f, m)
-        counts = m.sum(dim=(-4, -2, -1))
+        sums, counts = masked_sums(feats, onehot)
         return sums / (counts.unsqueeze(-1) + eps)
 
 
@@ -100,16 +109,13 @@ class PANet(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.variant not in VARIANTS:
-            raise FsctError(f"config: model.variant={cfg.variant!r} is not one of {', '.join(VARIANTS)}")
+        check_choices(cfg, "model")  # a ModelConfig made in code has not been through load_config
         self.variant = cfg.variant
         self.scale = 1.0 if cfg.variant == "seed" else float(cfg.scale)
         self.par_weight = 0.0 if cfg.variant == "seed" else float(cfg.par_weight)
         self.eps = SEED_EPS if cfg.variant == "seed" else PANET_EPS
         self.channels_last = cfg.channels_last
         d = cfg.feature_dim
-        if cfg.decoder not in DECODERS:
-            raise FsctError(f"config: model.decoder={cfg.decoder!r} is not one of {', '.join(DECODERS)}")
         self.dense_head = cfg.decoder == "unet"
         self.boundary_weight = float(cfg.boundary_weight) if self.dense_head else 0.0
         if self.dense_head:
@@ -163,6 +169,34 @@ class PANet(nn.Module):
             small = resize(labels.unsqueeze(-3).float(), size, "nearest").squeeze(-3).long()
             return one_hot(small, k)
         return resize(one_hot(labels, k), size, "area")
+
+    @torch.no_grad()
+    def support_prototypes(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                           n_protos: int) -> torch.Tensor:
+        """Prototypes (n_protos, C) pooled over a whole support set that comes in batches of (images
+        (B,1,H,W) normalised, labels (B,H,W) in 0..n_protos (n_protos: ignored), weight (B,n_protos+1): 1
+        where slice b counts for that label). Label 0 is background: a zero prototype for the seed variant,
+        which has none (its logit channel is then masked by the caller)."""
+        k = n_protos + 1
+        sums = counts = None
+        for x, labels, weight in batches:
+            feats = self.features(x).float()
+            s, n = masked_sums(feats, self.support_onehot(labels, k, feats.shape[-2:]), weight)
+            sums, counts = (s, n) if sums is None else (sums + s, counts + n)
+        if sums is None:
+            raise FsctError("no support slices")
+        protos = sums[:n_protos] / (counts[:n_protos, None] + self.eps)
+        if self.variant == "seed":
+            protos[0] = 0  # the notebook has no background prototype
+        return protos
+
+    def class_logits(self, feats: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+        """(B,C,h,w) query features, (K,C) prototypes from `support_prototypes` -> (B,K,h,w) logits for
+        prediction; the seed variant has no background prototype, so it never predicts background."""
+        logits = self.logits(feats, protos)
+        if self.variant == "seed":
+            logits[:, 0] = -torch.inf
+        return logits
 
     # -- episodes ------------------------------------------------------------------------------------------
     def encode(self, s_img: torch.Tensor, q_img: torch.Tensor
