@@ -44,9 +44,11 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
                hlines: dict[str, float] | None = None, size: tuple[int, int] = (720, 440)) -> Image.Image:
     """A plain line chart (no plotting library needed): series name -> [(x, y)], dashed reference lines."""
     w, h = size
-    left, right, top, bottom = 60, 190, 34, 44
     img = Image.new("RGB", size, (255, 255, 255))
     d = ImageDraw.Draw(img)
+    names = [*series, *(f"- - {n}" for n in hlines or {})]
+    left, top, bottom = 60, 34, 44
+    right = min(w // 2, 44 + max(int(d.textlength(n)) for n in names))  # the legend's longest name fits
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts] + list((hlines or {}).values())
     x0, x1 = min(xs), max(xs)
@@ -63,9 +65,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     for xv in sorted(set(xs)):
         d.line([px(xv), h - bottom, px(xv), h - bottom + 4], fill=(0, 0, 0))
         d.text((px(xv) - 10, h - bottom + 6), f"{xv:g}", fill=(0, 0, 0))
-    d.text((left, 8), title, fill=(0, 0, 0))
+    d.text((left, 4), title, fill=(0, 0, 0))
     d.text(((left + w - right) // 2 - 20, h - 18), xlabel, fill=(0, 0, 0))
-    d.text((4, 14), ylabel, fill=(0, 0, 0))
+    d.text((4, 20), ylabel, fill=(0, 0, 0))
     pal = palette()
     legend_y = top
     for i, (name, pts) in enumerate(series.items()):
@@ -80,6 +82,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     for name, yv in (hlines or {}).items():
         for xa in range(left, w - right, 12):
             d.line([xa, py(yv), min(xa + 6, w - right), py(yv)], fill=(120, 120, 120), width=2)
+        d.text((left + 6, py(yv) - 13), name, fill=(90, 90, 90))  # on the line too: the legend's are alike
         d.text((w - right + 10, legend_y), f"- - {name}", fill=(90, 90, 90))
         legend_y += 18
     return img
