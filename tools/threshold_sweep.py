@@ -3,6 +3,7 @@ on val slices of a shard set (what training chooses the threshold on) or on a la
 
   python tools/threshold_sweep.py --model RUN_OR_MODEL_DIR --shards SHARDS [--slices 8 --size 256]
   python tools/threshold_sweep.py --model RUN_OR_MODEL_DIR --data DIR        # DIR/X_test/images + Y_test.csv
+  ... predict.partition_split=learned                                          # predict overrides
 
 Shows how many val slices a stable choice needs and whether the choice on val carries to test.
 """
@@ -41,8 +42,9 @@ def main() -> None:
     src.add_argument("--data", type=Path, help="score a labelled test set at 512 px")
     p.add_argument("--slices", type=int, default=1000, help="the first N slices")
     p.add_argument("--size", type=int, help="val slice size (default: the model's data.image_size)")
+    p.add_argument("overrides", nargs="*", help="key=value over the model's config, e.g. predict.min_region=16")
     a = p.parse_args()
-    model, cfg = load_model(a.model)
+    model, cfg = load_model(a.model, a.overrides)
     images, truth = slices(a, cfg.data.val_split, a.size or cfg.data.image_size)
     with torch.no_grad():
         prob = torch.cat([boundary_batch(model, images[i:i + 8], False, cfg.data.image_size)
