@@ -53,8 +53,8 @@ def main() -> None:
     print(f"{len(images)} slices, partition_split={cfg.predict.partition_split}; saved threshold "
           f"{cfg.predict.boundary_threshold}")
     for t, row in zip(GRID, scores, strict=True):
-        print(f"threshold {t:.2f}: official {row.mean():.4f}")
-    print(f"best {GRID[int(scores.mean(1).argmax())]:.2f}")
+        print(f"threshold {t:.3f}: official {row.mean():.4f}")
+    print(f"best {GRID[int(scores.mean(1).argmax())]:.3f}")
 
 
 if __name__ == "__main__":
