@@ -18,7 +18,7 @@ from fsct.data.augment import _sharpen, augment_batch
 from fsct.errors import FsctError
 from fsct.model.backbones import EfficientNetLite0, build_encoder
 from fsct.model.panet import PANet, boundary_target
-from fsct.partition import label_components, learned_partition, merge_by_boundary
+from fsct.partition import label_components, learned_partition, merge_by_boundary, seed_components
 from fsct.submission import read_submission
 from fsct.threshold import GRID, threshold_scores
 from tests.conftest import REPO, fsct
@@ -76,10 +76,11 @@ def test_boundary_target_marks_borders_and_ignores_pure_background():
     np.testing.assert_array_equal(half_border[0, 0].numpy(), [0, 1, 1, 1])
 
 
-def test_label_components_match_scipy():
+@pytest.mark.parametrize("fn", [label_components, seed_components])  # the torch propagation, the CPU path
+def test_label_components_match_scipy(fn):
     rng = np.random.default_rng(0)
     mask = ndimage.binary_opening(rng.random((3, 50, 60)) > 0.45, np.ones((1, 2, 2)))
-    ours = label_components(torch.from_numpy(mask)).numpy()
+    ours = fn(torch.from_numpy(mask)).numpy()
     for m, o in zip(mask, ours, strict=True):
         ref, n = ndimage.label(m, structure=np.ones((3, 3)))
         assert len(np.unique(o[m])) == n
