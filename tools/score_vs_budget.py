@@ -42,12 +42,14 @@ def sh(cmd: list[str]) -> None:
 
 
 def default_systems(pretrained: str | None) -> dict[str, list[str]]:
-    """The recipe as configured, its encoder from scratch, and today's PANet (no decoder, `group` split).
-    --pretrained names the weights for the first; without it the config's own `model.pretrained` is used."""
+    """The recipe's model with ImageNet weights and from scratch, and today's PANet (no decoder, `group`
+    split); the split is named, not the config's, so a name says what was scored. --pretrained names the
+    weights for the first; without it the config's own `model.pretrained` is used."""
     weights = [f"model.pretrained={pretrained}"] if pretrained else []
+    boundary = ["model.encoder=efficientnet_lite0", "predict.partition_split=boundary"]
     return {
-        "lite0 ImageNet + unet (boundary)": ["model.encoder=efficientnet_lite0", *weights],
-        "lite0 scratch + unet (boundary)": ["model.encoder=efficientnet_lite0", "model.pretrained="],
+        "lite0 ImageNet + unet (boundary)": [*boundary, *weights],
+        "lite0 scratch + unet (boundary)": [*boundary, "model.pretrained="],
         "resnet18 scratch, no decoder (group)": ["model.encoder=resnet18", "model.pretrained=", "model.decoder=none",
                                                  "train.best_metric=val/miou", "predict.partition_split=group"],
     }
