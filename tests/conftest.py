@@ -1,4 +1,4 @@
-"""Shared fixtures. Everything a test reads is in the repo (a user's clone has no ../shared)."""
+"""Shared fixtures. Everything a test reads is in the repo: a user's clone has nothing beside it."""
 
 from __future__ import annotations
 
