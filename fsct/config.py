@@ -68,6 +68,9 @@ class ModelConfig:
     decoder_dim: int = 64  # unet: channels of the top-down path
     pretrained: str = ""  # weights file (.safetensors/.pth) or, for timm/ encoders, a hub name; "" = scratch
     boundary_weight: float = 1.0  # unet: weight of the boundary head's loss (borders between label ids)
+    # unet: weigh border and inside cells equally in the boundary loss (HED's class balance); plain BCE
+    # leaves the rare border cells near 0.5, so the partition's threshold has no margin
+    boundary_balanced: bool = False
     scale: float = 20.0  # cosine similarity temperature (the paper's alpha)
     par_weight: float = 1.0  # prototype alignment regularisation weight
     channels_last: bool = False

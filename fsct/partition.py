@@ -17,6 +17,8 @@ is an ARI over the truth's foreground: only which pixels are grouped together co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from scipy import sparse
@@ -212,51 +214,36 @@ def _assign_ids(regions: np.ndarray, key: np.ndarray, labels: np.ndarray) -> np.
     return lut[regions].astype(np.uint8)
 
 
-# -- learned partition: the model's boundary map, torch ops on the model's device ---------------------------
+# -- learned partition: the model's boundary map cut into basins, basins merged by their borders ------------
 WORK_SIZE = 256  # the boundary map is cut at this size, then upsampled (nearest) to the submission's 512
-GROW_LEVELS = 8
+FLOOD_LEVELS = 20  # the watershed floods in this many rising levels of the boundary probability
 
 
-def label_components(mask: torch.Tensor) -> torch.Tensor:
-    """8-connected components of a bool (B,H,W) mask: float labels (1 + the flat index of the component's
-    last pixel), 0 outside. Max-label propagation with pointer jumping: a label names a pixel of the same
-    component whose own label is at least as large, so jumping to it is a valid, much longer step."""
-    b, h, w = mask.shape
-    keep = mask.float()
-    idx = torch.arange(1, h * w + 1, dtype=torch.float32, device=mask.device).view(1, h, w)
-    lab = idx * keep
-    while True:
-        nxt = lab
-        for _ in range(4):  # a few steps between convergence checks (each check syncs a GPU)
-            nxt = torch.nn.functional.max_pool2d(nxt[:, None], 3, 1, 1)[:, 0] * keep
-            flat = nxt.view(b, -1)
-            jumped = torch.gather(flat, 1, (flat.long() - 1).clamp_min(0)) * (flat > 0)
-            nxt = torch.maximum(flat, jumped).view(b, h, w)
-        if torch.equal(nxt, lab):
-            return lab
-        lab = nxt
-
-
-def seed_components(mask: torch.Tensor) -> torch.Tensor:
-    """label_components, but on a CPU tensor through scikit-image's two-pass labelling: the propagation
-    needs as many passes as a component is long, which a GPU does in parallel and a CPU does not (4.3 s vs
-    0.05 s for 16 slices at 256x256 on 2 cores, docs/PERFORMANCE.md). Same components, other label values."""
-    if mask.device.type != "cpu":
-        return label_components(mask)
+def basins(prob: torch.Tensor) -> torch.Tensor:
+    """Watershed seeds of boundary maps (B,H,W): the regional minima of the map quantised to FLOOD_LEVELS
+    steps (connected plateaus no cell of which has a lower 8-neighbour), float labels, 0 elsewhere.
+    Quantising makes an organ's noisy inside one plateau; every structure whose inside is lower than its rim
+    gets a seed of its own, however small and whatever the map's calibration, and a thick ridge, which
+    always slopes down somewhere, gets none. Plateaus are labelled by scikit-image on the CPU."""
     from skimage.measure import label
 
-    return torch.from_numpy(np.stack([label(m, connectivity=2) for m in mask.numpy()])).float()
+    q = torch.floor(prob * FLOOD_LEVELS)
+    lower = (-torch.nn.functional.max_pool2d(-q[:, None], 3, 1, 1)[:, 0] < q).cpu().numpy()
+    out = []
+    for qi, low in zip(q.cpu().numpy().astype(np.int32), lower, strict=True):
+        plateaus = label(qi + 1, background=0, connectivity=2)
+        sloped = np.bincount(plateaus.ravel(), low.ravel(), int(plateaus.max()) + 1) > 0
+        out.append(label(~sloped[plateaus], connectivity=2))
+    return torch.from_numpy(np.stack(out)).float().to(prob.device)
 
 
-def grow_regions(seeds: torch.Tensor, boundary: torch.Tensor, threshold: float) -> torch.Tensor:
-    """A quantised seeded watershed: seeds (B,H,W) float labels flood the unlabelled cells in GROW_LEVELS
-    rising levels of the boundary probability, each level until nothing more is reached; the last level
-    admits every cell, so every cell connected to a seed ends labelled."""
+def flood(seeds: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """A seeded watershed quantised to FLOOD_LEVELS rising levels of the boundary probability: at each level
+    the labels spread over the cells at or under it until nothing more is reached; the last level admits
+    every cell, so every cell connected to a seed ends labelled."""
     lab = seeds
-    levels = torch.linspace(threshold, 1.0, GROW_LEVELS + 1)[1:].tolist()
-    levels[-1] = float("inf")
-    for level in levels:
-        allowed = boundary <= level
+    for i in range(1, FLOOD_LEVELS + 1):
+        allowed = prob <= (i / FLOOD_LEVELS if i < FLOOD_LEVELS else float("inf"))
         while True:
             cand = torch.nn.functional.max_pool2d(lab[:, None], 3, 1, 1)[:, 0]
             take = (lab == 0) & allowed & (cand > 0)
@@ -266,28 +253,97 @@ def grow_regions(seeds: torch.Tensor, boundary: torch.Tensor, threshold: float) 
     return lab
 
 
-def learned_partition(boundary: torch.Tensor, cfg: PredictConfig, out_size: int = 512) -> torch.Tensor:
-    """Boundary probabilities (B,h,w) -> partitions (B,out_size,out_size) uint8, ids 1..n per slice.
+@dataclass
+class Hierarchy:
+    """One slice's units (an over-segmentation, ids >= 1) and the order in which pooled borders merge them:
+    every threshold's partition is a prefix of `merges`, so a whole threshold grid costs one agglomeration."""
 
-    Cells under `boundary_threshold` form the seeds (their connected components, those under `min_region`
-    pixels at out_size dropped, at most 255 per slice, largest first); the seeds then flood the border cells
-    in order of rising boundary probability. Borders thus follow the model's boundary map, not intensity."""
+    units: np.ndarray  # (H,W) int64
+    merges: np.ndarray  # (M,3) float64 rows (height, kept id, merged id); heights never decrease
+
+
+def merge_sequence(units: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """Greedy agglomeration of adjacent units (ids > 0) run to the end: repeatedly merge the pair whose shared
+    border has the lowest mean boundary probability, borders pooled as regions merge. -> (M,3) rows (height,
+    kept, merged), height = the highest border mean merged so far. Pooling (not one-shot thresholding)
+    keeps one weak spot in a long border from gluing two structures; stopping at threshold t is the prefix of
+    rows with height < t, exactly what a run stopped at the first border mean >= t does."""
+    import heapq
+
+    a, b, sums, counts = border_strength(units, prob)
+    adj: dict[int, dict[int, list[float]]] = {}
+    for x, y, s, c in zip(a.tolist(), b.tolist(), sums.tolist(), counts.tolist(), strict=True):
+        adj.setdefault(x, {})[y] = [s, c]
+        adj.setdefault(y, {})[x] = [s, c]
+    heap = [(s / c, x, y) for x, y, s, c in zip(a.tolist(), b.tolist(), sums.tolist(), counts.tolist(), strict=True)]
+    heapq.heapify(heap)
+    merged: set[int] = set()
+    rows, height = [], 0.0
+    while heap:
+        mean, x, y = heapq.heappop(heap)
+        if x in merged or y in merged or y not in adj.get(x, {}):
+            continue  # merged away since it was pushed
+        s, c = adj[x][y]
+        if s / c != mean:
+            continue  # a stale entry: the pair's border grew, its current mean is queued too
+        height = max(height, mean)
+        rows.append((height, x, y))
+        merged.add(y)
+        for z, (sz, cz) in adj.pop(y).items():
+            del adj[z][y]
+            if z == x:
+                continue
+            cur = adj[x].setdefault(z, [0.0, 0])
+            cur[0] += sz
+            cur[1] += cz
+            adj[z][x] = cur
+            heapq.heappush(heap, (cur[0] / cur[1], min(x, z), max(x, z)))
+    return np.array(rows, np.float64).reshape(-1, 3)
+
+
+def cut(units: np.ndarray, merges: np.ndarray, threshold: float) -> np.ndarray:
+    """The units merged by every row of `merges` under `threshold` (0 stays 0)."""
+    parent = np.arange(int(units.max()) + 1)
+    n = int(np.searchsorted(merges[:, 0], threshold, side="left"))
+    for _, x, y in merges[:n].astype(np.int64):
+        parent[y] = x
+    for _ in range(64):  # pointer chains from successive merges
+        nxt = parent[parent]
+        if np.array_equal(nxt, parent):
+            break
+        parent = nxt
+    return parent[units]
+
+
+def learned_hierarchies(boundary: torch.Tensor) -> list[Hierarchy]:
+    """Boundary probabilities (B,h,w) -> per slice, the watershed basins of the map at WORK_SIZE (a torch
+    flood on the map's device) and their merge order (CPU)."""
     prob = torch.nn.functional.interpolate(boundary.float()[:, None], size=(WORK_SIZE, WORK_SIZE),
                                            mode="bilinear", align_corners=False)[:, 0]
-    seeds = seed_components(prob < cfg.boundary_threshold)
-    min_cells = max(1, round(cfg.min_region * (WORK_SIZE / 512) ** 2))  # min_region counts 512x512 pixels
-    kept = torch.zeros_like(seeds)
-    for i in range(len(seeds)):
-        ids, inverse, counts = torch.unique(seeds[i], return_inverse=True, return_counts=True)
-        big = (ids > 0) & (counts >= min_cells)
-        order = torch.argsort(torch.where(big, counts, 0), descending=True, stable=True)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order), device=order.device)
-        new = torch.where(big & (rank < MAX_ID), rank + 1, 0).float()  # largest seed becomes 1
-        kept[i] = new[inverse]
-    regions = grow_regions(kept, prob, cfg.boundary_threshold)
-    up = torch.nn.functional.interpolate(regions[:, None], size=(out_size, out_size), mode="nearest")[:, 0]
-    return up.to(torch.uint8)
+    units = flood(basins(prob), prob).cpu().numpy().astype(np.int64)
+    return [Hierarchy(u, merge_sequence(u, p)) for u, p in zip(units, prob.cpu().numpy(), strict=True)]
+
+
+def hierarchy_partition(h: Hierarchy, threshold: float, min_region: int, out_size: int = 512) -> np.ndarray:
+    """One slice's partition at a threshold: merged units, regions under `min_region` pixels (at 512x512)
+    joined to their longest-border neighbour, at most 255 -> uint8 (out_size, out_size), ids 1..n."""
+    regions, _ = components(cut(h.units, h.merges, threshold))
+    min_cells = max(1, round(min_region * (WORK_SIZE / 512) ** 2))
+    regions = _cap(merge_small(regions, min_cells), MAX_ID)
+    _, compact = np.unique(regions, return_inverse=True)
+    part = torch.from_numpy((compact.reshape(regions.shape) + 1).astype(np.uint8))
+    up = torch.nn.functional.interpolate(part[None, None].float(), size=(out_size, out_size), mode="nearest")
+    return up[0, 0].to(torch.uint8).numpy()
+
+
+def learned_partition(boundary: torch.Tensor, cfg: PredictConfig, out_size: int = 512) -> np.ndarray:
+    """Boundary probabilities (B,h,w) -> partitions (B,out_size,out_size) uint8, ids 1..n per slice.
+
+    The map's watershed basins (every structure whose inside is lower than its rim gets one) are merged
+    where their pooled border stays under `boundary_threshold`: borders follow the model's boundary map,
+    not intensity."""
+    return np.stack([hierarchy_partition(h, cfg.boundary_threshold, cfg.min_region, out_size)
+                     for h in learned_hierarchies(boundary)])
 
 
 def border_strength(sp: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -308,45 +364,9 @@ def border_strength(sp: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def merge_by_boundary(sp: np.ndarray, prob: np.ndarray, threshold: float) -> np.ndarray:
-    """Greedy agglomeration of superpixels: repeatedly merge the adjacent pair whose shared border has the
-    lowest mean boundary probability, with borders pooled as regions merge, until every remaining border
-    has a mean >= threshold. Pooling (not one-shot thresholding) keeps one weak spot in a long border from
-    gluing two structures. -> sp's map with merged ids (0 stays 0)."""
-    import heapq
-
-    a, b, sums, counts = border_strength(sp, prob)
-    adj: dict[int, dict[int, list[float]]] = {}
-    for x, y, s, c in zip(a.tolist(), b.tolist(), sums.tolist(), counts.tolist(), strict=True):
-        adj.setdefault(x, {})[y] = [s, c]
-        adj.setdefault(y, {})[x] = [s, c]
-    heap = [(s / c, x, y) for x, y, s, c in zip(a.tolist(), b.tolist(), sums.tolist(), counts.tolist(), strict=True)]
-    heapq.heapify(heap)
-    parent = np.arange(int(sp.max()) + 1)
-    while heap:
-        mean, x, y = heapq.heappop(heap)
-        if mean >= threshold:
-            break
-        if parent[x] != x or parent[y] != y or y not in adj.get(x, {}):
-            continue  # merged away since it was pushed
-        s, c = adj[x][y]
-        if s / c != mean:
-            continue  # a stale entry: the pair's border grew, its current mean is queued too
-        parent[y] = x
-        for z, (sz, cz) in adj.pop(y).items():
-            del adj[z][y]
-            if z == x:
-                continue
-            cur = adj[x].setdefault(z, [0.0, 0])
-            cur[0] += sz
-            cur[1] += cz
-            adj[z][x] = cur
-            heapq.heappush(heap, (cur[0] / cur[1], min(x, z), max(x, z)))
-    for _ in range(64):  # pointer chains from successive merges
-        nxt = parent[parent]
-        if np.array_equal(nxt, parent):
-            break
-        parent = nxt
-    return parent[sp]
+    """Superpixels merged where their pooled shared border has a mean boundary probability under
+    `threshold` (merge_sequence, cut there). -> sp's map with merged ids (0 stays 0)."""
+    return cut(sp, merge_sequence(sp, prob), threshold)
 
 
 def body_superpixels(image: np.ndarray, scale: float) -> np.ndarray:

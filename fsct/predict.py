@@ -115,13 +115,13 @@ def boundary_batch(model: PANet, images: torch.Tensor, tta_flip: bool, image_siz
 
 
 def learned_masks(model: PANet, images: torch.Tensor, cfg: PredictConfig, image_size: int) -> np.ndarray:
-    """A partition of uint8 (B,512,512) slices drawn from the model's boundary map: `learned` (torch ops on
-    the model's device) or `boundary` (CPU superpixels merged where the model sees no border)."""
+    """A partition of uint8 (B,512,512) slices drawn from the model's boundary map: `learned` (its watershed
+    basins merged by their borders) or `boundary` (CPU superpixels merged where the model sees no border)."""
     from fsct.partition import boundary_merge_slice, learned_partition
 
     prob = boundary_batch(model, images, cfg.tta_flip, image_size)
     if cfg.partition_split == "learned":
-        return learned_partition(prob, cfg, OUT_SIZE).cpu().numpy()
+        return learned_partition(prob, cfg, OUT_SIZE)
     full = F.interpolate(prob[:, None], size=(OUT_SIZE, OUT_SIZE), mode="bilinear", align_corners=False)[:, 0]
     imgs = images.cpu().numpy()
     return np.stack([boundary_merge_slice(im, p, cfg) for im, p in zip(imgs, full.cpu().numpy(), strict=True)])

@@ -11,28 +11,31 @@ import torch
 from fsct.config import PredictConfig
 from fsct.metrics import official_score_slice
 
-# 0.2 .. 0.7 by 0.025: the learned partition's score peaks within ~0.05 of its best threshold (docs/RESULTS.md:
-# 0.668 / 0.704 / 0.324 at 0.35 / 0.40 / 0.45 on synthetic test slices), so a coarser grid can miss the peak.
+# 0.2 .. 0.7 by 0.025: past its best threshold the partition's score falls off a cliff within ~0.05 (two
+# large structures merge; docs/RESULTS.md), so a coarser grid can miss the peak. The learned partition's grid
+# costs one agglomeration per slice (each threshold cuts a prefix of its merges).
 GRID = tuple(round(0.2 + 0.025 * i, 3) for i in range(21))
 
 
 def threshold_scores(prob: torch.Tensor, images: np.ndarray, truths: np.ndarray, cfg: PredictConfig,
                      thresholds: tuple[float, ...]) -> np.ndarray:
     """Boundary probabilities (N,h,w), uint8 slices and true label maps (N,H,W) -> official scores (T, N)
-    of the configured partition (`learned` or `boundary`) at each threshold."""
-    from fsct.partition import body_superpixels, boundary_merge_slice, learned_partition
+    of the configured partition (`learned` or `boundary`) at each threshold, at the truth's size."""
+    from fsct.partition import body_superpixels, boundary_merge_slice, hierarchy_partition, learned_hierarchies
 
-    size = images.shape[-1]
+    size = truths.shape[-1]
+    scores = np.zeros((len(thresholds), len(images)))
+    if cfg.partition_split == "learned":
+        # One agglomeration per slice serves every threshold (each is a prefix of its merges).
+        hier = learned_hierarchies(prob)
+        for i, t in enumerate(thresholds):
+            scores[i] = [official_score_slice(tr, hierarchy_partition(h, t, cfg.min_region, size))
+                         for tr, h in zip(truths, hier, strict=True)]
+        return scores
     full = torch.nn.functional.interpolate(prob.float()[:, None], size=(size, size), mode="bilinear",
                                            align_corners=False)[:, 0].cpu().numpy()
-    scores = np.zeros((len(thresholds), len(images)))
-    if cfg.partition_split == "boundary":
-        sps = [body_superpixels(im, cfg.sp_scale) for im in images]  # once, for every threshold
+    sps = [body_superpixels(im, cfg.sp_scale) for im in images]  # once, for every threshold
     for i, t in enumerate(thresholds):
-        if cfg.partition_split == "boundary":
-            preds = [boundary_merge_slice(im, p, cfg, t, sp) for im, p, sp in zip(images, full, sps, strict=True)]
-        else:
-            step = PredictConfig(**{**cfg.__dict__, "boundary_threshold": t})
-            preds = learned_partition(prob, step, size).cpu().numpy()
+        preds = [boundary_merge_slice(im, p, cfg, t, sp) for im, p, sp in zip(images, full, sps, strict=True)]
         scores[i] = [official_score_slice(tr, pr) for tr, pr in zip(truths, preds, strict=True)]
     return scores

@@ -37,7 +37,7 @@ from fsct.data.episodes import (
     load_train_data,
     make_batch,
 )
-from fsct.data.pool import load_split, read_index
+from fsct.data.pool import Pool, load_split, read_index
 from fsct.engine import StepResult, make_accelerator, make_optimizer, train_step
 from fsct.errors import FsctError
 from fsct.lock import locked
@@ -325,6 +325,9 @@ def _wandb_id(out: Path) -> str:
 class ValSet:
     sampler: EpisodeSampler
     tensors: PoolTensors
+    # dense models: the first `train.val_slices` val slices at their own size, partitioned and scored as
+    # `fsct predict` and the official metric do (masks at 256 px move small structures' borders)
+    slices: Pool | None = None
 
 
 def _val_setup(cfg: Config, shards: Path) -> ValSet | None:
@@ -343,7 +346,10 @@ def _val_setup(cfg: Config, shards: Path) -> ValSet | None:
     except FsctError as e:
         print(f"validation off: {e}", flush=True)
         return None
-    return ValSet(sampler, PoolTensors.from_pool(pool))
+    slices = None
+    if cfg.model.decoder == "unet" and cfg.train.val_slices > 0 and pool.masks is not None:
+        slices = load_split(shards, cfg.data.val_split, keys=set(pool.keys[: cfg.train.val_slices]))
+    return ValSet(sampler, PoolTensors.from_pool(pool), slices)
 
 
 @torch.no_grad()
@@ -387,18 +393,19 @@ def validate(acc, step_fn: nn.Module, val: ValSet, cfg: Config) -> tuple[dict[st
 
 def partition_scores(model: nn.Module, val: ValSet, cfg: Config, rank: int, world: int) -> torch.Tensor:
     """Per threshold of the grid (fsct.threshold), the sum of the official scores of the configured partition
-    over this rank's share of the first `train.val_slices` val slices at the training size, then the count."""
+    over this rank's share of the first `train.val_slices` val slices, then the count."""
     from fsct.predict import boundary_batch
     from fsct.threshold import threshold_scores
 
     grid = val_thresholds(cfg)
-    idx = list(range(rank, min(cfg.train.val_slices, len(val.tensors.images)), world))
-    if not idx or val.tensors.masks is None:
+    slices = val.slices
+    idx = list(range(rank, len(slices), world)) if slices is not None else []
+    if not idx:
         return torch.zeros(len(grid) + 1, dtype=torch.float64)
     dev = next(model.parameters()).device
-    prob = boundary_batch(model, val.tensors.images[idx].to(dev), False, cfg.data.image_size)
-    scores = threshold_scores(prob, val.tensors.images[idx].cpu().numpy(), val.tensors.masks[idx].cpu().numpy(),
-                              cfg.predict, grid)
+    images = slices.images[idx]
+    prob = boundary_batch(model, torch.from_numpy(images).to(dev), False, cfg.data.image_size)
+    scores = threshold_scores(prob, images, slices.masks[idx], cfg.predict, grid)
     return torch.tensor([*scores.sum(1), len(idx)], dtype=torch.float64)
 
 

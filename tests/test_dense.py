@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 from torch import nn
 
 from fsct.config import AugmentConfig, ModelConfig, PredictConfig, load_config
@@ -18,7 +17,14 @@ from fsct.data.augment import _sharpen, augment_batch
 from fsct.errors import FsctError
 from fsct.model.backbones import EfficientNetLite0, build_encoder
 from fsct.model.panet import PANet, boundary_target
-from fsct.partition import label_components, learned_partition, merge_by_boundary, seed_components
+from fsct.partition import (
+    FLOOD_LEVELS,
+    basins,
+    hierarchy_partition,
+    learned_hierarchies,
+    learned_partition,
+    merge_by_boundary,
+)
 from fsct.submission import read_submission
 from fsct.threshold import GRID, threshold_scores
 from tests.conftest import REPO, fsct
@@ -76,18 +82,16 @@ def test_boundary_target_marks_borders_and_ignores_pure_background():
     np.testing.assert_array_equal(half_border[0, 0].numpy(), [0, 1, 1, 1])
 
 
-@pytest.mark.parametrize("fn", [label_components, seed_components])  # the torch propagation, the CPU path
-def test_label_components_match_scipy(fn):
-    rng = np.random.default_rng(0)
-    mask = ndimage.binary_opening(rng.random((3, 50, 60)) > 0.45, np.ones((1, 2, 2)))
-    ours = fn(torch.from_numpy(mask)).numpy()
-    for m, o in zip(mask, ours, strict=True):
-        ref, n = ndimage.label(m, structure=np.ones((3, 3)))
-        assert len(np.unique(o[m])) == n
-        # the same partition: every scipy component is exactly one of ours
-        pairs = np.unique(np.stack([ref[m], o[m]]), axis=1)
-        assert pairs.shape[1] == n
-        assert (o[~m] == 0).all()
+def test_basins_are_the_regional_minima_of_the_quantised_map():
+    """Against scikit-image's own regional minima (plateaus whose every neighbour is higher)."""
+    from skimage.morphology import local_minima
+
+    g = torch.Generator().manual_seed(1)
+    prob = torch.nn.functional.avg_pool2d(torch.rand((2, 1, 48, 48), generator=g), 7, 1, 3)[:, 0]
+    seeds = basins(prob).numpy()
+    for q, s in zip(torch.floor(prob * FLOOD_LEVELS).numpy(), seeds, strict=True):
+        np.testing.assert_array_equal(s > 0, local_minima(q, connectivity=2, allow_borders=True))
+        assert s.max() > 1  # several basins, each labelled
 
 
 def test_learned_partition_cuts_along_the_boundary_map_deterministically():
@@ -97,19 +101,46 @@ def test_learned_partition_cuts_along_the_boundary_map_deterministically():
     prob[1, 50:52, 5:7] = 0.0  # an isolated low cell stays part of its surroundings
     cfg = PredictConfig(boundary_threshold=0.5, min_region=64)
     a, b = learned_partition(prob, cfg), learned_partition(prob, cfg)
-    assert a.dtype == torch.uint8 and a.shape == (2, 512, 512)
-    assert torch.equal(a, b)
-    for part in a.numpy():
-        assert len(np.unique(part)) == 3
+    assert a.dtype == np.uint8 and a.shape == (2, 512, 512)
+    np.testing.assert_array_equal(a, b)
+    for part in a:
+        assert len(np.unique(part)) == 3  # the thick walls are borders, not regions of their own
         up_left, up_right, low = part[100, 100], part[100, 450], part[400, 100]
         assert len({up_left, up_right, low}) == 3
         assert (part[:200, :300] == up_left).all() and (part[300:] == low).all()
-    # seeds under min_region (counted at 512x512) are dropped and flooded by their neighbours
-    small = torch.full((1, 64, 64), 0.95)
-    small[0, 2:4, 2:4] = 0.0  # 2x2 cells of 64 = 16x16 px at 512
-    small[0, 20:60, 20:60] = 0.0
-    assert len(learned_partition(small, PredictConfig(min_region=400)).unique()) == 1
-    assert len(learned_partition(small, PredictConfig(min_region=100)).unique()) == 2
+    # past the walls' mean probability everything is one region
+    assert len(np.unique(learned_partition(prob, PredictConfig(boundary_threshold=0.97)))) == 1
+
+
+def test_learned_partition_keeps_a_small_structure_inside_a_large_one():
+    """A structure of 8x8 cells (64x64 px at 512) with a clear rim, inside an organ: its own basin at any
+    threshold under the rim, merged into the organ only once the threshold passes the rim's mean."""
+    prob = torch.full((1, 64, 64), 0.1)
+    prob[0, 20:32, 20:32] = 0.8  # the rim
+    prob[0, 22:30, 22:30] = 0.2  # the inside, higher than the organ's: no threshold makes it a seed of its own
+    for t in (0.3, 0.5, 0.7):
+        part = learned_partition(prob, PredictConfig(boundary_threshold=t, min_region=64))[0]
+        inside, organ = part[26 * 8, 26 * 8], part[5, 5]
+        assert inside != organ and (part[23 * 8:29 * 8, 23 * 8:29 * 8] == inside).all()
+    assert len(np.unique(learned_partition(prob, PredictConfig(boundary_threshold=0.9))[0])) == 1
+    # min_region (pixels at 512x512) still folds a region smaller than it into its neighbour
+    assert len(np.unique(learned_partition(prob, PredictConfig(boundary_threshold=0.5, min_region=200**2))[0])) == 1
+
+
+def test_learned_partitions_are_nested_as_the_threshold_rises():
+    """Each threshold's partition is a prefix of one merge order: a higher threshold only merges regions."""
+    g = torch.Generator().manual_seed(0)
+    prob = torch.nn.functional.avg_pool2d(torch.rand((1, 1, 64, 64), generator=g), 5, 1, 2)[0]
+    (h,) = learned_hierarchies(prob)
+    assert (np.diff(h.merges[:, 0]) >= 0).all()
+    prev = None
+    for t in (0.3, 0.45, 0.5, 0.55, 0.7):
+        part = hierarchy_partition(h, t, min_region=1, out_size=256)
+        if prev is not None:  # every region of the finer partition lies inside one region of the coarser
+            pairs = np.unique(np.stack([prev.ravel(), part.ravel()]), axis=1)
+            assert len(np.unique(pairs[0])) == pairs.shape[1]
+        prev = part
+    assert len(np.unique(hierarchy_partition(h, 2.0, 1, 256))) == 1
 
 
 def rgb_lite0_state() -> dict[str, torch.Tensor]:
@@ -265,12 +296,13 @@ def test_threshold_scores_find_the_threshold_that_separates():
     truth = np.zeros((1, 64, 64), np.uint8)
     truth[0, :30], truth[0, 34:] = 1, 2
     prob = torch.full((1, 32, 32), 0.3)
+    prob[:, :, 15:17] = 0.4  # a weak ridge inside each half: only thresholds over 0.4 heal it
     prob[0, 15:17] = 0.6  # the border sits at 0.6: thresholds under 0.6 keep the halves apart
     scores = threshold_scores(prob, np.zeros((1, 64, 64), np.uint8), truth,
                               PredictConfig(partition_split="learned", min_region=1), (0.2, 0.5, 0.7))
     assert scores.shape == (3, 1)
     assert scores[1, 0] == pytest.approx(1.0) and scores[2, 0] == pytest.approx(0.0)
-    assert scores[0, 0] < 1.0  # everything under the threshold is a border: no seed at all
+    assert scores[0, 0] < 1.0  # under the weak ridge's 0.4 each half stays cut in two
 
 
 def test_sharpness_augmentation():

@@ -51,7 +51,8 @@ def renumber(mask: np.ndarray, rng: np.random.Generator, n_ids: int) -> np.ndarr
     return lut[mask]
 
 
-def make_realct(src: Path, out: Path, n_train: int, renumber_train: bool, seed: int) -> None:
+def make_realct(src: Path, out: Path, n_train: int, renumber_train: bool, seed: int,
+                test_first: bool = False) -> None:
     paths = list_images(src / "X_train")
     names = [p.name for p in paths]
     cols, masks = read_labels(src / "Y_train.csv", names)
@@ -59,6 +60,9 @@ def make_realct(src: Path, out: Path, n_train: int, renumber_train: bool, seed: 
     labelled = [p for p in paths if by_name.get(p.name) is not None and by_name[p.name].any()]
     unlabelled = [p for p in paths if p not in labelled]
     train, test = labelled[:n_train], labelled[n_train:]
+    if test_first:  # the other end of the body: test on the first block, train on the rest
+        n_test = len(labelled) - n_train
+        train, test = labelled[n_test:], labelled[:n_test]
     n_ids = len(np.unique(np.concatenate([np.unique(by_name[p.name]) for p in labelled]))) - 1
     rng = np.random.default_rng(seed)
     if out.exists():
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--n-train", type=int, default=20, help="labelled slices for train; the rest are test")
     r.add_argument("--renumber-train", action="store_true", help="also renumber train ids per slice")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--test-first", action="store_true", help="test on the first labelled slices, not the last")
     c = sub.add_parser("run", help="train both systems with one budget, predict, score")
     c.add_argument("--data", type=Path, required=True)
     c.add_argument("--work", type=Path, required=True)
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "sweep":
         sweep(args)
     elif args.cmd == "realct":
-        make_realct(args.src, args.out, args.n_train, args.renumber_train, args.seed)
+        make_realct(args.src, args.out, args.n_train, args.renumber_train, args.seed, args.test_first)
     else:
         args.work.mkdir(parents=True, exist_ok=True)
         run_comparison(args)
