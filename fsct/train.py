@@ -99,7 +99,7 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
     model, opt = run.acc.prepare(model, make_optimizer(model, cfg, run.acc.device))
     state, ckpt = resume_state(run, resume)
     start_tracking(run, state)
-    audit = EpisodeAudit.load(ckpt, run.rank)  # which slices this rank trained on, for rank{r}.json
+    audit = EpisodeAudit.load(ckpt, run.rank, data.share_keys)  # what this rank trained on: rank{r}.json
     data.restore(ckpt, run.rank)  # a stream's buffer and position at the checkpoint (memory: nothing to do)
     next_batch = audited_batches(run, data, state.step, audit)
     start_progress(run, state.step)
@@ -185,7 +185,7 @@ def audited_batches(run: Run, data: TrainSource, start: int, audit: EpisodeAudit
     def next_batch() -> Batch:
         keys, batch = next(batches)
         for k in keys:
-            audit.update(" ".join(k).encode() + b";")
+            audit.update(k)
         return batch
 
     return next_batch
@@ -274,7 +274,7 @@ def finish(run: Run, model: nn.Module, state: TrainerState, data: TrainSource, a
     write_json(out / f"rank{run.rank}.json", {
         "rank": run.rank, "step": state.step, "params": param_digest(final),
         "state": param_digest(final, buffers=True), "loader": data.loader, "shards": data.shard_names,
-        "pool_keys": data.share_keys,
+        "pool_keys": data.share_keys, "slices_reached": sum(audit.reached), "unreached": audit.unreached()[:20],
         "episodes": state.step * cfg.optim.grad_accum * cfg.episodes.episodes_per_step,
         "episodes_digest": audit.digest[:16], "peak_rss_mb": peak_rss_mb()})
     if acc.is_main_process:
