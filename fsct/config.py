@@ -28,6 +28,7 @@ class DataConfig:
     # stream: each rank streams its shards through a buffer of buffer_slices slices (docs/SCALING.md)
     loader: Literal["memory", "stream"] = "memory"
     buffer_slices: int = 512  # stream: slices held per rank (and per split), episodes are drawn from them
+    slice_uses: int = 4  # stream: steps that draw a buffered slice before it makes room (decodes per use: 1/4)
 
 
 @dataclass
@@ -275,6 +276,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.image_size": (_multiple_of_32, "a positive multiple of 32"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.buffer_slices": (lambda v: v >= 2, ">= 2 (a support and a query slice)"),
+    "data.slice_uses": (lambda v: v >= 1, ">= 1"),
     "episodes.n_way": (lambda v: v >= 1, ">= 1"),
     "episodes.k_shot": (lambda v: v >= 1, ">= 1"),
     "episodes.n_query": (lambda v: v >= 1, ">= 1"),

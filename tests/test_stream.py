@@ -59,9 +59,9 @@ def test_readers_split_the_split_over_ranks_and_workers(stream_shards: Path, wor
 
 
 @pytest.mark.parametrize("extra", [
-    ["episodes.mode=class", "data.buffer_slices=4"],
+    ["episodes.mode=class", "data.buffer_slices=4", "data.slice_uses=1"],
     ["episodes.mix={slice: 0.5, superpixel: 0.3, class: 0.2}", "data.num_workers=2", "optim.grad_accum=2",
-     "episodes.episodes_per_step=2", "data.buffer_slices=3"],
+     "episodes.episodes_per_step=2", "data.buffer_slices=3"],  # slice_uses 4: the default
 ], ids=["class", "mix-2-workers"])
 def test_stream_is_a_function_of_the_seed_and_resumes_exactly(stream_shards: Path, tmp_path: Path,
                                                              extra: list[str]):
@@ -130,7 +130,8 @@ def test_stream_memory_is_the_buffer_not_the_data(stream_shards: Path, tmp_path:
     its 16 slices."""
     big = tmp_path / "big"
     grow_splits(stream_shards, big, {"train": 320}, shard_size=20)
-    slice_mode = ["episodes.mode=slice", "data.buffer_slices=16", "episodes.episodes_per_step=8"]
+    slice_mode = ["episodes.mode=slice", "data.buffer_slices=16", "episodes.episodes_per_step=8",
+                  "data.slice_uses=1"]  # each slice drawn by one step: 60 steps go through 320 slices
     small = train(stream_shards, tmp_path / "small", *slice_mode, "train.max_steps=4")
     run = train(big, tmp_path / "run", *slice_mode, "train.max_steps=60")
     assert run["slices_reached"] == len(run["pool_keys"]) == 320 and not run["unreached"]

@@ -56,9 +56,10 @@ def read_index(folder: Path) -> dict:
 
 
 
-def iter_shard(path: Path, keys: set[str] | None = None) -> Iterator[dict]:
+def iter_shard(path: Path, keys: set[str] | None = None, skip: frozenset[str] = frozenset()) -> Iterator[dict]:
     """Samples of one tar as {field: decoded value}, grouped by key, in file order (webdataset's layout).
-    With `keys`, a sample outside them comes as its key alone: a reader of part of a tar decodes only that."""
+    With `keys`, a sample outside them comes as its key alone: a reader of part of a tar decodes only that.
+    Fields in `skip` are left out (a label map the reader has no use for is not decoded)."""
     import webdataset as wds
 
     ds = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None,
@@ -67,7 +68,7 @@ def iter_shard(path: Path, keys: set[str] | None = None) -> Iterator[dict]:
         sample = {"__key__": raw["__key__"]}
         if keys is None or raw["__key__"] in keys:
             for k, v in raw.items():
-                if not k.startswith("__"):
+                if not k.startswith("__") and k not in skip:
                     sample[k] = decode(k, v)
         yield sample
 
@@ -90,6 +91,15 @@ def share(info: dict, rank: int, world: int) -> tuple[list[str], set[str] | None
     if len(names) >= world:
         return names[rank::world], None
     return names, set(sorted(info["samples"], key=key_order)[rank::world])
+
+
+def index_subset(index: dict, split: str, names: list[str]) -> dict:
+    """What checked_shard needs to read these tars of a split (entries, and their samples without classes):
+    a reader of a few tars of a big data set keeps this, not the whole parsed index (~3 KB per slice)."""
+    info, wanted = index["splits"][split], set(names)
+    return {"splits": {split: {
+        "shards": [s for s in info["shards"] if s["name"] in wanted],
+        "samples": {k: {"shard": v["shard"]} for k, v in info["samples"].items() if v["shard"] in wanted}}}}
 
 
 def shard_keys(info: dict, name: str) -> list[str]:
@@ -167,10 +177,11 @@ def load_split(folder: Path | str, split: str, shard_names: list[str] | None = N
 
 
 def checked_shard(folder: Path, index: dict, split: str, name: str, keys: set[str] | None = None,
-                  checksum: bool = True) -> Iterator[dict]:
-    """The samples of one listed tar (those in `keys`, when given), after checking it against index.json:
-    size and checksum first, then exactly the listed keys in order. A disagreement stops with one line
-    naming the tar. `checksum=False` skips the hash (a stream reopening a tar it has hashed already)."""
+                  checksum: bool = True, skip: frozenset[str] = frozenset()) -> Iterator[dict]:
+    """The samples of one listed tar (those in `keys`, when given; without the fields in `skip`), after
+    checking it against index.json: size and checksum first, then exactly the listed keys in order. A
+    disagreement stops with one line naming the tar. `checksum=False` skips the hash (a stream reopening a
+    tar it has hashed already)."""
     info = index["splits"][split]
     entry = next((s for s in info["shards"] if s["name"] == name), None)
     path = folder / name
@@ -187,7 +198,7 @@ def checked_shard(folder: Path, index: dict, split: str, name: str, keys: set[st
     expected = set(shard_keys(info, name))
     seen: set[str] = set()
     try:
-        for s in iter_shard(path, keys):
+        for s in iter_shard(path, keys, skip):
             key = s["__key__"]
             if key not in expected or key in seen:
                 raise FsctError(f"{path}: sample '{key}' is not listed (once) for this tar in {folder / INDEX}")

@@ -14,15 +14,16 @@ The stream of a split on one rank
 The buffer
   Slots on the training device, indexed by label id (class episodes) and by the ways of each slot (slice
   and superpixel episodes). Episodes are drawn from it by the memory loader's own draw functions with its
-  rng (seed, rank, step, e). The slots a step used are then refilled from the stream (a slice is consumed
-  once drawn, as in webdataset's shuffle buffer), so every slice that enters is drawn, except one whose
-  label ids stay too rare in the buffer for a class episode: a clock hand passes over the slots and replaces
-  such a slot once `buffer_slices` slices went by since it entered. Slices no episode of the mix can use
-  (too few structures) never enter.
+  rng (seed, rank, step, e). A slot is refilled from the stream once `data.slice_uses` steps have drawn
+  it (webdataset's shuffle buffer with a slice used that many times: decoding costs 1/slice_uses of a
+  decode per slice trained on), so every slice that enters is trained on, except one whose label ids stay
+  too rare in the buffer for a class episode: a clock hand passes over the slots and replaces such a slot
+  once `buffer_slices` slices went by since it entered. Slices no episode of the mix can use (too few
+  structures) never enter.
 
 Resume
   A checkpoint keeps, per rank and buffer, the stream position (slices taken), the clock hand and each
-  slot's key and age: a few KB. `restore` reads those slices back from their tars and restarts each reader
+  slot's key, age and uses left: a few KB. `restore` reads those slices back from their tars and restarts each reader
   at its place (an arithmetic seek in index.json's per-tar counts), so a resumed run draws exactly the
   episodes of an uninterrupted one. Replaying the stream from step 0 would cost decoding every slice
   consumed so far instead (measured in docs/SCALING.md).
@@ -56,7 +57,16 @@ from fsct.data.episodes import (
     superpixel_ways,
     usable_ways,
 )
-from fsct.data.pool import checked_shard, key_order, read_index, sample_arrays, shard_keys, share, split_info
+from fsct.data.pool import (
+    checked_shard,
+    index_subset,
+    key_order,
+    read_index,
+    sample_arrays,
+    shard_keys,
+    share,
+    split_info,
+)
 from fsct.errors import FsctError
 
 CHUNK = 16  # slices per DataLoader item: few messages between processes, and still finer than a tar
@@ -118,6 +128,11 @@ class StreamSpec:
     min_pixels: int
 
     @property
+    def skip(self) -> frozenset[str]:
+        """The other label map: not decoded."""
+        return frozenset({"mask.png", "sp.png"} - {self.field})
+
+    @property
     def n_slices(self) -> int:
         return sum(r.size for r in self.readers)
 
@@ -158,7 +173,7 @@ def read_slices(spec: StreamSpec, r: int, start: int) -> Iterator[tuple[str, np.
                 skip -= len(keys)
                 continue
             wanted = set(keys[skip:])
-            for s in checked_shard(spec.folder, spec.index, spec.split, name, wanted, name not in hashed):
+            for s in checked_shard(spec.folder, spec.index, spec.split, name, wanted, name not in hashed, spec.skip):
                 yield slice_record(spec, name, s)
             hashed.add(name)
             skip = 0
@@ -233,15 +248,16 @@ class NotDrawable(Exception):
 class Buffer:
     """Slots of one split's slices on the training device; episodes of `modes` are drawn from them."""
 
-    def __init__(self, spec: StreamSpec, cfg: EpisodeConfig, modes: set[str], capacity: int,
+    def __init__(self, spec: StreamSpec, cfg: EpisodeConfig, modes: set[str], capacity: int, uses: int,
                  device: torch.device):
-        self.spec, self.cfg, self.modes = spec, cfg, modes
+        self.spec, self.cfg, self.modes, self.uses = spec, cfg, modes, uses
         s = spec.size
         self.images = torch.zeros((capacity, s, s), dtype=torch.uint8, device=device)
         self.labels = torch.zeros((capacity, s, s), dtype=torch.uint8, device=device)
         self.keys: list[str] = [""] * capacity
         self.ways: list[list[int]] = [[] for _ in range(capacity)]
         self.born = [0] * capacity  # stream position when the slot's slice entered
+        self.left = [uses] * capacity  # steps that may still draw the slot's slice
         self.by_class: dict[int, set[int]] = {}
         self.present: dict[str, int] = {}  # key -> slots holding it
         self.hand = 0
@@ -258,17 +274,18 @@ class Buffer:
             self._replace(range(self.capacity))
             return
         slots = state["slots"]
-        found = read_keys(self.spec, {k for k, _ in slots})
-        for i, (key, born) in enumerate(slots):
+        found = read_keys(self.spec, {k for k, _, _ in slots})
+        for i, (key, born, left) in enumerate(slots):
             self._set(i, key, found[key][3], born)
-        self.images.copy_(torch.from_numpy(np.stack([found[k][1] for k, _ in slots])))
-        self.labels.copy_(torch.from_numpy(np.stack([found[k][2] for k, _ in slots])))
+            self.left[i] = left
+        self.images.copy_(torch.from_numpy(np.stack([found[s[0]][1] for s in slots])))
+        self.labels.copy_(torch.from_numpy(np.stack([found[s[0]][2] for s in slots])))
         self.hand = state["hand"]
         self.feed = Feed(self.spec, state["position"], workers, pin)
 
     def state(self) -> dict:
         return {"position": self.feed.position, "hand": self.hand,
-                "slots": [[k, b] for k, b in zip(self.keys, self.born, strict=True)]}
+                "slots": [list(s) for s in zip(self.keys, self.born, self.left, strict=True)]}
 
     def tensors(self) -> PoolTensors:
         return PoolTensors(self.images, self.labels, self.labels)  # mask or superpixel episodes alike
@@ -311,8 +328,11 @@ class Buffer:
         return min(idle or range(self.capacity), key=lambda i: (self.born[i], i))
 
     def refill(self, used: set[int]) -> None:
-        """Replace the slots a step drew from, and any slot the clock hand finds unusable and old."""
-        out = set(used)
+        """Count a use of the slots a step drew from and replace those used up, and any slot the clock hand
+        finds unusable and old."""
+        for i in used:
+            self.left[i] -= 1
+        out = {i for i in used if self.left[i] <= 0}
         for _ in range(max(1, len(used))):
             i = self.hand
             self.hand = (self.hand + 1) % self.capacity
@@ -325,7 +345,7 @@ class Buffer:
             self.by_class[c].discard(i)
         if self.keys[i]:
             self.present[self.keys[i]] -= 1
-        self.keys[i], self.ways[i], self.born[i] = key, ways, born
+        self.keys[i], self.ways[i], self.born[i], self.left[i] = key, ways, born, self.uses
         if key:
             self.present[key] = self.present.get(key, 0) + 1
         for c in ways:
@@ -375,7 +395,7 @@ def read_keys(spec: StreamSpec, keys: set[str]) -> dict[str, tuple[str, np.ndarr
         by_shard.setdefault(samples[k]["shard"], set()).add(k)
     out = {}
     for name in sorted(by_shard):
-        for s in checked_shard(spec.folder, spec.index, spec.split, name, by_shard[name]):
+        for s in checked_shard(spec.folder, spec.index, spec.split, name, by_shard[name], skip=spec.skip):
             out[s["__key__"]] = slice_record(spec, name, s)
     return out
 
@@ -400,7 +420,8 @@ class StreamData:
         for name, (split, field, modes) in wanted.items():
             if modes:
                 readers = split_readers(folder, split_info(index, folder, split), split, rank, world, self.workers)
-                self.specs[name] = (StreamSpec(folder, index, split, readers, cfg.train.seed, rank,
+                own = index_subset(index, split, list(dict.fromkeys(n for r in readers for n in r.names)))
+                self.specs[name] = (StreamSpec(folder, own, split, readers, cfg.train.seed, rank,
                                                cfg.data.image_size, field, cfg.episodes.min_pixels), modes)
         first = next(iter(self.specs.values()))[0]
         self.shard_names = list(dict.fromkeys(n for r in first.readers for n in r.names))
@@ -446,7 +467,8 @@ class StreamData:
             raise FsctError(f"stream state of micro-step {state['micro_step']}, resuming at {first}")
         where = dev if cfg.data.cache_on_device else torch.device("cpu")
         for name, (spec, modes) in self.specs.items():
-            b = Buffer(spec, cfg.episodes, modes, min(cfg.data.buffer_slices, spec.n_slices), where)
+            b = Buffer(spec, cfg.episodes, modes, min(cfg.data.buffer_slices, spec.n_slices), cfg.data.slice_uses,
+                       where)
             b.start(state["buffers"][name] if state else None, cfg.data.num_workers, dev.type == "cuda")
             self.buffers[name] = b
         seed, e_cfg = cfg.train.seed, cfg.episodes
