@@ -460,25 +460,37 @@ class StreamData:
             "version": STATE_VERSION, "workers": self.workers, "micro_step": self._next_micro,
             "buffers": {name: b.state() for name, b in self.buffers.items()}})
 
-    def batches(self, cfg: Config, start: int, dev: torch.device) -> Iterator[tuple[list[list[str]], Batch]]:
-        first, stop = start * cfg.optim.grad_accum, cfg.train.max_steps * cfg.optim.grad_accum
+    def open(self, cfg: Config, start: int, where: torch.device, pin: bool = False) -> None:
+        """The buffers on `where`, filled from the stream's start or taken back from `restore`'s state."""
         state = self._resume
-        if state is not None and state["micro_step"] != first:
-            raise FsctError(f"stream state of micro-step {state['micro_step']}, resuming at {first}")
-        where = dev if cfg.data.cache_on_device else torch.device("cpu")
+        if state is not None and state["micro_step"] != start * cfg.optim.grad_accum:
+            raise FsctError(f"stream state of micro-step {state['micro_step']}, resuming at step {start}")
         for name, (spec, modes) in self.specs.items():
             b = Buffer(spec, cfg.episodes, modes, min(cfg.data.buffer_slices, spec.n_slices), cfg.data.slice_uses,
                        where)
-            b.start(state["buffers"][name] if state else None, cfg.data.num_workers, dev.type == "cuda")
+            b.start(state["buffers"][name] if state else None, cfg.data.num_workers, pin)
             self.buffers[name] = b
-        seed, e_cfg = cfg.train.seed, cfg.episodes
-        for micro in range(first, stop):
-            mode = mode_at(seed, self.rank, micro, self.modes, self.weights)
-            buf = self.buffers["superpixel" if mode == "superpixel" else "mask"]
-            episodes = [buf.draw(mode, seed, self.rank, micro, e) for e in range(e_cfg.episodes_per_step)]
+
+    def draw_step(self, micro: int) -> tuple[Buffer, list[Episode]]:
+        """The buffer micro-step `micro` draws from, and its episodes (refill the buffer once used)."""
+        mode = mode_at(self.cfg.train.seed, self.rank, micro, self.modes, self.weights)
+        buf = self.buffers["superpixel" if mode == "superpixel" else "mask"]
+        e = self.cfg.episodes
+        episodes = [buf.draw(mode, self.cfg.train.seed, self.rank, micro, i) for i in range(e.episodes_per_step)]
+        self._next_micro = micro + 1
+        return buf, episodes
+
+    def batches(self, cfg: Config, start: int, dev: torch.device) -> Iterator[tuple[list[list[str]], Batch]]:
+        where = dev if cfg.data.cache_on_device else torch.device("cpu")
+        self.open(cfg, start, where, pin=dev.type == "cuda")
+        for micro in range(start * cfg.optim.grad_accum, cfg.train.max_steps * cfg.optim.grad_accum):
+            buf, episodes = self.draw_step(micro)
             keys = [[buf.keys[i] for i in (*ep.support, *ep.query)] for ep in episodes]
-            gen = step_generator(seed, self.rank, micro, where)
-            batch = make_batch(episodes, buf.tensors(), e_cfg.n_way, cfg.augment, gen, buf.tensors())
-            buf.refill({int(i) for ep in episodes for i in (*ep.support, *ep.query)})  # the batch holds copies
-            self._next_micro = micro + 1
+            gen = step_generator(cfg.train.seed, self.rank, micro, where)
+            batch = make_batch(episodes, buf.tensors(), cfg.episodes.n_way, cfg.augment, gen, buf.tensors())
+            buf.refill(used_slots(episodes))  # after make_batch: the batch holds copies of the slots
             yield keys, batch.to(dev)
+
+
+def used_slots(episodes: list[Episode]) -> set[int]:
+    return {int(i) for ep in episodes for i in (*ep.support, *ep.query)}
