@@ -1,7 +1,8 @@
 """Episodes: which slices and which label ids make one N-way K-shot task, and the tensors it becomes.
 
 Drawing is pure index work on the in-memory pool, deterministic from (seed, rank, step, e): a run resumed
-at step s draws exactly what an uninterrupted run would have. Modes plug in as functions in `DRAW`:
+at step s draws exactly what an uninterrupted run would have (data.loader: stream runs the same draws over
+its buffer's slots, fsct.data.stream). Modes plug in as functions in `DRAW`:
   class       the notebook's: a label id is a class across slices; K+Q distinct slices per way
   slice       the ways are the structures of ONE labelled slice; support and query are augmented views
   superpixel  as slice, on superpixel pseudo-labels of (unlabelled) slices, after SSL-ALPNet

@@ -63,7 +63,6 @@ from fsct.data.pool import (
     key_order,
     read_index,
     sample_arrays,
-    shard_keys,
     share,
     split_info,
 )
@@ -92,7 +91,10 @@ def split_readers(folder: Path, info: dict, split: str, rank: int, world: int, w
     """The rank's share of a split over `workers` readers: tars[w::workers], or with fewer tars than readers
     all of the rank's tars and every workers-th of its keys. No reader is left without slices."""
     names, keys = share(info, rank, world)
-    by_shard = {n: shard_keys(info, n) for n in names}
+    by_shard: dict[str, list[str]] = {n: [] for n in names}
+    for k, v in info["samples"].items():  # one pass, in file order (shard_keys per tar would be one each)
+        if v["shard"] in by_shard:
+            by_shard[v["shard"]].append(k)
     if keys is None and len(names) >= workers:
         shares: list[tuple[list[str], set[str] | None]] = [(names[w::workers], None) for w in range(workers)]
     else:
@@ -419,7 +421,12 @@ class StreamData:
         self.specs: dict[str, tuple[StreamSpec, set[str]]] = {}
         for name, (split, field, modes) in wanted.items():
             if modes:
-                readers = split_readers(folder, split_info(index, folder, split), split, rank, world, self.workers)
+                info = split_info(index, folder, split)
+                readers = split_readers(folder, info, split, rank, world, self.workers)
+                if rank == 0 and len(info["shards"]) < world * self.workers:
+                    print(f"{folder}: split '{split}' has {len(info['shards'])} tars for {world} rank(s) x "
+                          f"{self.workers} reader(s): readers share tars, each reading all of a tar to keep part "
+                          "of it (re-shard with a smaller --shard-size for one tar per reader)", flush=True)
                 own = index_subset(index, split, list(dict.fromkeys(n for r in readers for n in r.names)))
                 self.specs[name] = (StreamSpec(folder, own, split, readers, cfg.train.seed, rank,
                                                cfg.data.image_size, field, cfg.episodes.min_pixels), modes)
