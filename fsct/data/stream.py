@@ -371,18 +371,12 @@ class Buffer:
         return fallback
 
     def _replace(self, slots) -> None:
-        slots = list(slots)
-        if not slots:
-            return
-        imgs, lbls = [], []
         for i in slots:
             key, img, lbl, ways = self._next_slice(i)
             self._set(i, key, ways, self.feed.position)
-            imgs.append(img)
-            lbls.append(lbl)
-        idx = torch.tensor(slots, device=self.images.device)
-        self.images[idx] = torch.stack(imgs).to(self.images.device, non_blocking=True)
-        self.labels[idx] = torch.stack(lbls).to(self.labels.device, non_blocking=True)
+            # straight from the DataLoader's pinned chunk: on a GPU the copy does not wait for the host
+            self.images[i].copy_(img, non_blocking=True)
+            self.labels[i].copy_(lbl, non_blocking=True)
 
 
 def read_keys(spec: StreamSpec, keys: set[str]) -> dict[str, tuple[str, np.ndarray, np.ndarray, list[int]]]:
