@@ -288,11 +288,17 @@ def finish(run: Run, model: nn.Module, state: TrainerState, data: TrainSource, a
     acc.end_training()
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (DataLoader workers are processes of their own)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (DataLoader workers are processes of their own): VmHWM, the high
+    water mark of this program's memory. Not getrusage's ru_maxrss: Linux carries that over from the parent
+    across fork and exec, so a child of a big process would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
 def _save_model(run: Run, model: nn.Module, folder: Path) -> None:

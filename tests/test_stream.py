@@ -141,4 +141,4 @@ def test_stream_memory_is_the_buffer_not_the_data(stream_shards: Path, tmp_path:
     stream = train(big, tmp_path / "stream512", *one_step)
     memory = train(big, tmp_path / "memory512", *one_step, "data.loader=memory")
     pool_mb = 320 * 512 * 512 * 3 / 2**20  # image, mask and superpixels of every slice: 240 MB
-    assert memory["peak_rss_mb"] - stream["peak_rss_mb"] > pool_mb / 2  # measured: 166 and 205 MB
+    assert memory["peak_rss_mb"] - stream["peak_rss_mb"] > pool_mb / 2  # by hand: 166, 205, 235 MB
