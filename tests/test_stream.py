@@ -67,14 +67,14 @@ def test_stream_is_a_function_of_the_seed_and_resumes_exactly(stream_shards: Pat
                                                              extra: list[str]):
     cfg = stream_cfg(stream_shards, "train.max_steps=9", *extra)
     micro = cfg.optim.grad_accum
-    full, it = [], load_train_data(cfg, 0, 1).batches(cfg, 0, CPU)
-    data = None
+    data = load_train_data(cfg, 0, 1)
+    assert isinstance(data, StreamData)
+    full, it = [], data.batches(cfg, 0, CPU)
     for i in range(9 * micro):
         full.append(next(it))
         if i + 1 == 4 * micro:  # a checkpoint after step 4
-            data = it.gi_frame.f_locals["self"]
             data.save(tmp_path, 0)
-    assert isinstance(data, StreamData) and (tmp_path / STATE.format(rank=0)).stat().st_size < 4096
+    assert (tmp_path / STATE.format(rank=0)).stat().st_size < 4096
     again = list(load_train_data(cfg, 0, 1).batches(cfg, 0, CPU))
     resumed_data = load_train_data(cfg, 0, 1)
     resumed_data.restore(tmp_path, 0)
