@@ -3,8 +3,12 @@
 train, in one process on one device (cuda when there is one, else cpu):
   model_only   fsct's train step on synthetic tensors, with the config's settings (autocast precision,
                channels_last, torch.compile, fused AdamW, episodes_per_step episodes per forward)
-  end_to_end   the same step fed by the trainer's own batches (`fsct.data.episodes.episode_batches`: episode
-               sampler, device-side pool, augmentation on the device) from shards
+  end_to_end   the same step fed by the trainer's own batches (`load_train_data(...).batches`: the config's
+               data.loader, memory (episode sampler, device-side pool) or stream (shards read through a
+               buffer), augmentation on the device) from shards; `--compare-loaders` times both loaders,
+               `--slices N` grows the synthetic train split to N slices so the stream goes through real tars.
+               `loader_share` is the part of the timed seconds spent getting batches (host time: on a GPU
+               the device work it queues is not in it)
   seed         the seed notebook's model-only step (`--seed-baseline`, by default the in-repo copy
                tests/fixtures/seed_baseline.py, its `cmd_bench`): one episode of the same shape per step,
                fp32, Adam
@@ -180,7 +184,8 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
 
 
 TRAIN_COLUMNS = (("episodes/s", "episodes_per_s", ".2f"), ("slices/s", "slices_per_s", ".1f"),
-                 ("x seed", "ratio_to_seed", ".2f"), ("TFLOP/s", "tflops", ".3f"),
+                 ("x seed", "ratio_to_seed", ".2f"), ("x memory", "ratio_to_memory", ".2f"),
+                 ("loader share", "loader_share", ".1%"), ("TFLOP/s", "tflops", ".3f"),
                  ("of bf16 peak", "fraction_of_bf16_peak", ".1%"), ("peak GB", "peak_mem_gb", ".2f"))
 PREDICT_COLUMNS = (("slices/s", "slices_per_s", ".1f"), ("ms/slice", "ms_per_slice", ".2f"),
                    ("prototypes s", "prototype_s", ".3f"), ("peak GB", "peak_mem_gb", ".2f"))
@@ -225,6 +230,18 @@ def synthetic_shards(work: Path, cfg: Config, n_test: int = 4, per_class: int | 
     shard_dataset(data / "X_train" / "images", data / "Y_train.csv", out, val_fraction=0.0,
                   superpixels=superpixels, workers=1, progress=False)
     shard_dataset(data / "X_test" / "images", None, out, split="test", workers=1, progress=False)
+    return out
+
+
+def grown_shards(shards: Path, out: Path, cfg: Config, n: int) -> Path:
+    """`shards` with its train split (and the unlabelled one, for superpixel episodes) grown to n slices."""
+    from fsct.data.pool import read_index
+    from fsct.data.shards import grow_splits
+
+    splits = [cfg.data.train_split] + (
+        [cfg.data.unlabeled_split] if "superpixel" in cfg.episodes.effective_mix else [])
+    have = read_index(shards)["splits"]
+    grow_splits(shards, out, {s: n for s in splits if s in have}, shard_size=64)
     return out
 
 
@@ -313,20 +330,25 @@ def bench_model_only(acc: Any, cfg: Config, dev: torch.device, warmup: int, step
 
 
 def bench_end_to_end(acc: Any, cfg: Config, dev: torch.device, warmup: int, steps: int, shards: Path,
-                     model: nn.Module, opt: torch.optim.Optimizer, flops: float | None) -> Timing:
-    """The trainer's data path (`episode_batches`) feeding the same step; pool loading is reported, not timed."""
-    from fsct.data.episodes import episode_batches, load_train_data
+                     model: nn.Module, opt: torch.optim.Optimizer, flops: float | None,
+                     name: str = "end_to_end") -> Timing:
+    """The trainer's data path (`load_train_data(...).batches`) feeding the same step; loading the pool (or
+    opening the stream) is reported, not timed."""
+    from fsct.data.episodes import load_train_data
 
     cfg = replace(cfg, data=replace(cfg.data, shards=str(shards)),
                   train=replace(cfg.train, max_steps=warmup + steps))
     t0 = time.perf_counter()
     data = load_train_data(cfg, 0, 1)
     load_s = time.perf_counter() - t0
-    batches: Iterator = episode_batches(cfg, data.sampler, data.pool, data.sp_pool, 0, dev)
+    batches: Iterator = data.batches(cfg, 0, dev)
     slices: list[int] = []  # per micro-batch: a mix of episode modes draws episodes of different sizes
+    waits: list[float] = []  # per micro-batch: host seconds spent getting it
 
     def next_batch():
+        t = time.perf_counter()
         b = next(batches)[1]
+        waits.append(time.perf_counter() - t)
         slices.append(b.s_img.shape[0] * (b.s_img.shape[1] + b.q_img.shape[1]))
         return b
 
@@ -337,8 +359,11 @@ def bench_end_to_end(acc: Any, cfg: Config, dev: torch.device, warmup: int, step
     per_episode = sum(slices[-micro:]) / eps
     # FLOPs grow with the slices encoded (the encoder is nearly all of them): scale the counted episode's
     flops = None if flops is None else flops * per_episode / episode_slices(cfg)
-    extra = {"pool_slices": len(data.pool), "pool_load_s": load_s}
-    return Timing("end_to_end", eps, seconds, per_episode, flops, peak_memory_gb(dev), extra)
+    loader_s = sum(waits[-micro:])
+    extra = {"loader": cfg.data.loader, "pool_slices": len(data.share_keys), "pool_load_s": load_s,
+             "buffer_slices": cfg.data.buffer_slices if cfg.data.loader == "stream" else None,
+             "num_workers": cfg.data.num_workers, "loader_s": loader_s, "loader_share": loader_s / seconds}
+    return Timing(name, eps, seconds, per_episode, flops, peak_memory_gb(dev), extra)
 
 
 def find_seed_baseline(explicit: Path | None) -> Path | None:
@@ -404,8 +429,9 @@ def resolve_config_path(path: Path | None) -> Path:
 
 def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(resolve_config_path(args.config), args.overrides)
-    if args.steps < 1 or args.warmup < 0:
-        raise FsctError(f"--steps {args.steps} / --warmup {args.warmup}: need steps >= 1 and warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.slices < 0:
+        raise FsctError(f"--steps {args.steps} / --warmup {args.warmup} / --slices {args.slices}: need steps >= 1, "
+                        "warmup >= 0 and slices >= 0")
     dev = pick_device(args.device)
     env = environment(dev)
     seed_path = None if args.no_seed else find_seed_baseline(args.seed_baseline)
@@ -427,8 +453,17 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     assert kept is not None
     with tempfile.TemporaryDirectory(prefix="fsct-bench-") as tmp:
         shards = args.shards if args.shards is not None else synthetic_shards(Path(tmp), cfg)
-        timings.append(bench_end_to_end(acc, cfg, dev, args.warmup, args.steps, shards, *kept, flops))
+        if args.slices:
+            shards = grown_shards(shards, Path(tmp) / "grown", cfg, args.slices)
+        loaders = ["memory", "stream"] if args.compare_loaders else [cfg.data.loader]
+        for loader in loaders:
+            c = replace(cfg, data=replace(cfg.data, loader=loader))
+            name = f"end_to_end ({loader})" if args.compare_loaders else "end_to_end"
+            timings.append(bench_end_to_end(acc, c, dev, args.warmup, args.steps, shards, *kept, flops, name))
     del kept
+    if args.compare_loaders:
+        memory, stream = timings[-2:]
+        stream.extra["ratio_to_memory"] = stream.per_s / memory.per_s
     seed_note = "skipped (--no-seed)" if args.no_seed else "not found"
     if seed_path is not None:
         timings.append(bench_seed(seed_path, cfg, dev, args.warmup, args.steps))
@@ -453,6 +488,8 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
             "augment": cfg.augment.enabled, "cache_on_device": cfg.data.cache_on_device,
             "num_workers": cfg.data.num_workers, "steps": args.steps, "warmup": args.warmup,
             "seed_baseline": seed_note, "shards": str(args.shards) if args.shards else "synthetic",
+            "loader": "memory and stream" if args.compare_loaders else cfg.data.loader,
+            "buffer_slices": cfg.data.buffer_slices, "slices": args.slices,
         },
         "flops_note": "FlopCounterMode: conv + matmul FLOPs of one episode, forward and backward "
                       "(end_to_end: scaled to the slices its episodes actually held)",
@@ -555,6 +592,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--compare-compile", action="store_true",
                    help="time the model-only step both eager and with torch.compile")
     t.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step)")
+    t.add_argument("--compare-loaders", action="store_true",
+                   help="time end_to_end with data.loader=memory and with data.loader=stream")
+    t.add_argument("--slices", type=int, default=0,
+                   help="grow the train split to this many slices (tars of 64), repeating its slices")
     t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     t.add_argument("--out", type=Path, default=Path("bench/train.json"), help="JSON to write")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

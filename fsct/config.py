@@ -22,8 +22,13 @@ class DataConfig:
     val_split: str = "val"
     unlabeled_split: str = "unlabeled"
     image_size: int = 256  # slices are resized to this square size for training
-    num_workers: int = 0  # >0: episodes are built on the CPU in DataLoader workers
-    cache_on_device: bool = True  # keep the decoded pool on the GPU (the whole train set is ~130 MB)
+    num_workers: int = 0  # >0: memory: episodes are built on the CPU in workers; stream: slices are decoded there
+    cache_on_device: bool = True  # keep the decoded pool (or the stream's buffer) on the GPU
+    # memory: each rank decodes its share of the shards into memory (right for the challenge's ~130 MB);
+    # stream: each rank streams its shards through a buffer of buffer_slices slices (docs/SCALING.md)
+    loader: Literal["memory", "stream"] = "memory"
+    buffer_slices: int = 512  # stream: slices held per rank (and per split), episodes are drawn from them
+    slice_uses: int = 4  # stream: steps that draw a buffered slice before it makes room (decodes per use: 1/4)
 
 
 @dataclass
@@ -273,6 +278,8 @@ def _multiple_of_32(v: int) -> bool:
 RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.image_size": (_multiple_of_32, "a positive multiple of 32"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.buffer_slices": (lambda v: v >= 2, ">= 2 (a support and a query slice)"),
+    "data.slice_uses": (lambda v: v >= 1, ">= 1"),
     "episodes.n_way": (lambda v: v >= 1, ">= 1"),
     "episodes.k_shot": (lambda v: v >= 1, ">= 1"),
     "episodes.n_query": (lambda v: v >= 1, ">= 1"),

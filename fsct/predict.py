@@ -167,6 +167,9 @@ def predict(checkpoint: Path, support: Path, images: Path, out: Path, support_sp
     acc = Accelerator()
     with locked(out, "submission", enabled=acc.is_main_process):
         _predict_locked(acc, checkpoint, support, images, out, support_split, images_split, overrides)
+    # The process group is torn down before exit: on several machines a rank that exits with gloo's threads
+    # alive aborts, and its node's agent then never reaches the rendezvous's exit barrier.
+    acc.end_training()
     return out
 
 

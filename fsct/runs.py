@@ -3,9 +3,11 @@ records that must survive a crash (its checkpoints: fsct.checkpoint)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 from fsct.atomic import atomic_file, remove_stale
@@ -79,29 +81,45 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class EpisodeAudit:
-    """A digest of every episode a rank trained on, chained step by step so that a checkpoint can carry it
-    and a resumed run ends with the digest an uninterrupted one would have."""
+    """What a rank trained on: a digest of every episode's slice keys, chained step by step so that a
+    checkpoint can carry it and a resumed run ends with the digest an uninterrupted one would have, and which
+    slices of the rank's share (`keys`) any episode has reached so far (one byte each)."""
 
-    def __init__(self, digest: str = ""):
+    def __init__(self, digest: str = "", keys: list[str] | None = None, reached: bytes | None = None):
         self.digest = digest
         self._h = hashlib.sha256(digest.encode())
+        self._pos = {k: i for i, k in enumerate(keys or [])}
+        self.reached = bytearray(reached if reached is not None and len(reached) == len(self._pos)
+                                 else len(self._pos))
 
-    def update(self, data: bytes) -> None:
-        self._h.update(data)
+    def update(self, keys: list[str]) -> None:
+        """One episode's slices, support then query."""
+        self._h.update(" ".join(keys).encode() + b";")
+        for k in keys:
+            i = self._pos.get(k)
+            if i is not None:  # superpixel episodes draw from the unlabelled split, not the share
+                self.reached[i] = 1
 
     def end_step(self) -> None:
         self.digest = self._h.hexdigest()
         self._h = hashlib.sha256(self.digest.encode())
+
+    def unreached(self) -> list[str]:
+        keys = list(self._pos)
+        return [keys[i] for i, r in enumerate(self.reached) if not r]
 
     @staticmethod
     def path(ckpt: Path, rank: int) -> Path:
         return ckpt / f"audit_rank{rank}.json"
 
     def save(self, ckpt: Path, rank: int, step: int) -> None:
-        write_json(self.path(ckpt, rank), {"step": step, "episodes_digest": self.digest})
+        reached = base64.b64encode(zlib.compress(bytes(self.reached))).decode()
+        write_json(self.path(ckpt, rank), {"step": step, "episodes_digest": self.digest, "reached": reached})
 
     @classmethod
-    def load(cls, ckpt: Path | None, rank: int) -> EpisodeAudit:
+    def load(cls, ckpt: Path | None, rank: int, keys: list[str] | None = None) -> EpisodeAudit:
         if ckpt is None or not cls.path(ckpt, rank).is_file():
-            return cls()
-        return cls(json.loads(cls.path(ckpt, rank).read_text())["episodes_digest"])
+            return cls(keys=keys)
+        saved = json.loads(cls.path(ckpt, rank).read_text())
+        reached = zlib.decompress(base64.b64decode(saved["reached"])) if "reached" in saved else None
+        return cls(saved["episodes_digest"], keys, reached)

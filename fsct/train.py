@@ -28,15 +28,7 @@ import yaml
 from fsct import launch
 from fsct.checkpoint import checkpoints, find_checkpoint, load_checkpoint, save_checkpoint, save_model
 from fsct.config import Config, load_config, save_config, to_dict
-from fsct.data.episodes import (
-    Batch,
-    EpisodeSampler,
-    PoolTensors,
-    TrainData,
-    episode_batches,
-    load_train_data,
-    make_batch,
-)
+from fsct.data.episodes import Batch, EpisodeSampler, PoolTensors, TrainSource, load_train_data, make_batch
 from fsct.data.pool import Pool, load_split, read_index
 from fsct.engine import StepResult, make_accelerator, make_optimizer, train_step
 from fsct.errors import FsctError
@@ -107,7 +99,8 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
     model, opt = run.acc.prepare(model, make_optimizer(model, cfg, run.acc.device))
     state, ckpt = resume_state(run, resume)
     start_tracking(run, state)
-    audit = EpisodeAudit.load(ckpt, run.rank)  # which slices this rank trained on, for rank{r}.json
+    audit = EpisodeAudit.load(ckpt, run.rank, data.share_keys)  # what this rank trained on: rank{r}.json
+    data.restore(ckpt, run.rank)  # a stream's buffer and position at the checkpoint (memory: nothing to do)
     next_batch = audited_batches(run, data, state.step, audit)
     start_progress(run, state.step)
     while state.step < cfg.train.max_steps:
@@ -118,10 +111,10 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
         if validation_due(cfg, state.step, val) and validate_and_keep_best(run, model, val, state):
             break  # early stop
         if stop_requested(run):
-            preempt(run, state, audit)
+            preempt(run, state, audit, data)
             return state
         if cfg.train.save_every > 0 and state.step % cfg.train.save_every == 0:
-            checkpoint(run, state, audit)
+            checkpoint(run, state, audit, data)
     finish(run, model, state, data, audit)
     return state
 
@@ -185,14 +178,14 @@ def start_tracking(run: Run, state: TrainerState) -> None:
         launch.define_best_metrics(run.acc, tracker, run.cfg.train.best_metric)
 
 
-def audited_batches(run: Run, data: TrainData, start: int, audit: EpisodeAudit) -> Callable[[], Batch]:
+def audited_batches(run: Run, data: TrainSource, start: int, audit: EpisodeAudit) -> Callable[[], Batch]:
     """The next micro-batch of this rank's episode stream, each episode's slices recorded in the audit."""
-    batches = episode_batches(run.cfg, data.sampler, data.pool, data.sp_pool, start, run.acc.device)
+    batches = data.batches(run.cfg, start, run.acc.device)
 
     def next_batch() -> Batch:
-        episodes, batch = next(batches)
-        for ep in episodes:
-            audit.update(" ".join(data.keys(ep)).encode() + b";")
+        keys, batch = next(batches)
+        for k in keys:
+            audit.update(k)
         return batch
 
     return next_batch
@@ -252,14 +245,17 @@ def validate_and_keep_best(run: Run, model: nn.Module, val: ValSet, state: Train
     return False
 
 
-def checkpoint(run: Run, state: TrainerState, audit: EpisodeAudit) -> None:
-    save_checkpoint(run.acc, run.out, state.step, asdict(state), run.cfg.train.keep_checkpoints,
-                    lambda folder: audit.save(folder, run.rank, state.step))
+def checkpoint(run: Run, state: TrainerState, audit: EpisodeAudit, data: TrainSource) -> None:
+    def save_rank(folder: Path) -> None:
+        audit.save(folder, run.rank, state.step)
+        data.save(folder, run.rank)
+
+    save_checkpoint(run.acc, run.out, state.step, asdict(state), run.cfg.train.keep_checkpoints, save_rank)
 
 
-def preempt(run: Run, state: TrainerState, audit: EpisodeAudit) -> None:
+def preempt(run: Run, state: TrainerState, audit: EpisodeAudit, data: TrainSource) -> None:
     """Checkpoint now and leave PREEMPTED (the step) for the launcher, which requeues the job."""
-    checkpoint(run, state, audit)
+    checkpoint(run, state, audit, data)
     if run.acc.is_main_process:
         (run.out / "PREEMPT").unlink(missing_ok=True)
         write_text(run.out / "PREEMPTED", f"{state.step}\n")
@@ -268,18 +264,19 @@ def preempt(run: Run, state: TrainerState, audit: EpisodeAudit) -> None:
     run.acc.end_training()
 
 
-def finish(run: Run, model: nn.Module, state: TrainerState, data: TrainData, audit: EpisodeAudit) -> None:
+def finish(run: Run, model: nn.Module, state: TrainerState, data: TrainSource, audit: EpisodeAudit) -> None:
     """Last checkpoint, the model file, this rank's audit (rank{r}.json) and DONE."""
     cfg, acc, out = run.cfg, run.acc, run.out
     run.progress.close()
-    checkpoint(run, state, audit)
+    checkpoint(run, state, audit, data)
     _save_model(run, model, out)
     final = acc.unwrap_model(model)
     write_json(out / f"rank{run.rank}.json", {
         "rank": run.rank, "step": state.step, "params": param_digest(final),
-        "state": param_digest(final, buffers=True), "pool_keys": data.pool.keys,
+        "state": param_digest(final, buffers=True), "loader": data.loader, "shards": data.shard_names,
+        "pool_keys": data.share_keys, "slices_reached": sum(audit.reached), "unreached": audit.unreached()[:20],
         "episodes": state.step * cfg.optim.grad_accum * cfg.episodes.episodes_per_step,
-        "episodes_digest": audit.digest[:16]})
+        "episodes_digest": audit.digest[:16], "peak_rss_mb": peak_rss_mb()})
     if acc.is_main_process:
         (out / "PREEMPTED").unlink(missing_ok=True)
         write_text(out / "DONE", json.dumps(asdict(state)) + "\n")
@@ -289,6 +286,19 @@ def finish(run: Run, model: nn.Module, state: TrainerState, data: TrainData, aud
     if cfg.train.log_model:
         launch.log_best_model(acc, cfg.train.tracker, out, state.best_step)
     acc.end_training()
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (DataLoader workers are processes of their own): VmHWM, the high
+    water mark of this program's memory. Not getrusage's ru_maxrss: Linux carries that over from the parent
+    across fork and exec, so a child of a big process would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
 def _save_model(run: Run, model: nn.Module, folder: Path) -> None:

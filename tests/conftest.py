@@ -58,3 +58,17 @@ def shards(synth: Path, tmp_path_factory) -> Path:
     r = fsct("shard", "--images", str(synth / "X_test" / "images"), "--out", str(out), "--split", "test")
     assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def stream_shards(synth: Path, tmp_path_factory) -> Path:
+    """The synth set in tars of 2 slices, with superpixels: 3 train tars (not a multiple of 2 ranks), 3
+    unlabelled ones for superpixel episodes, and 2 test tars."""
+    out = tmp_path_factory.mktemp("stream") / "synth"
+    r = fsct("shard", "--images", str(synth / "X_train" / "images"), "--labels", str(synth / "Y_train.csv"),
+             "--out", str(out), "--shard-size", "2", "--val-fraction", "0.25", "--workers", "2", "--superpixels")
+    assert r.returncode == 0, r.stderr
+    r = fsct("shard", "--images", str(synth / "X_test" / "images"), "--out", str(out), "--split", "test",
+             "--shard-size", "2")
+    assert r.returncode == 0, r.stderr
+    return out

@@ -24,18 +24,19 @@ def positive(x: object) -> bool:
 def test_bench_train_cpu(tmp_path: Path):
     out = tmp_path / "train.json"
     seed_args = ["--seed-baseline", str(SEED)] if SEED.is_file() else ["--no-seed"]
-    # no --shards: the command makes its own small synthetic shard set
+    # no --shards: the command makes its own small synthetic shard set, its train split grown to 24 slices
     r = fsct("bench", "train", "--device", "cpu", "--steps", "2", "--warmup", "1", "--out", str(out),
-             *seed_args, *TINY)
+             "--compare-loaders", "--slices", "24", *seed_args, *TINY, "data.buffer_slices=8")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "model_only" in r.stdout and "end_to_end" in r.stdout  # the table
+    assert "model_only" in r.stdout and "end_to_end (stream)" in r.stdout  # the table
     res = json.loads(out.read_text())
     assert res["device"] == "cpu" and res["peak_bf16_tflops"] is None and res["torch"]
     s = res["settings"]
     assert (s["image_size"], s["feature_dim"], s["n_way"], s["episodes_per_step"]) == (64, 32, 2, 2)
     assert s["shards"] == "synthetic" and s["precision"] == "fp32"
     rows = res["results"]
-    for name in ("model_only", "end_to_end"):
+    e2e = ("end_to_end (memory)", "end_to_end (stream)")
+    for name in ("model_only", *e2e):
         row = rows[name]
         assert row["timed"] == 2 * 2  # steps * episodes_per_step
         for key in ("episodes_per_s", "slices_per_s", "ms_per_episode", "flops_per_episode", "tflops"):
@@ -45,14 +46,20 @@ def test_bench_train_cpu(tmp_path: Path):
         assert row["tflops"] == pytest.approx(row["flops_per_episode"] * row["episodes_per_s"] / 1e12)
         # CPU: no bf16 peak, no GPU memory
         assert row["fraction_of_bf16_peak"] is None and row["peak_mem_gb"] is None
-    assert rows["end_to_end"]["pool_slices"] >= 8
+    for name, loader in zip(e2e, ("memory", "stream"), strict=True):
+        row = rows[name]
+        assert row["loader"] == loader and row["pool_slices"] == 24
+        assert 0 < row["loader_s"] < row["seconds"] and row["loader_share"] == pytest.approx(
+            row["loader_s"] / row["seconds"])
+    assert rows[e2e[1]]["ratio_to_memory"] == pytest.approx(
+        rows[e2e[1]]["episodes_per_s"] / rows[e2e[0]]["episodes_per_s"])
     if not SEED.is_file():
         assert "seed" not in rows and rows["model_only"]["ratio_to_seed"] is None
         pytest.skip(f"{SEED} not found: seed ratio not checked")
     seed = rows["seed"]
     assert positive(seed["episodes_per_s"]) and seed["timed"] == 2
     assert seed["flops_per_episode"] > rows["model_only"]["flops_per_episode"]  # it recomputes layer2/3
-    for name in ("model_only", "end_to_end"):
+    for name in ("model_only", *e2e):
         expected = rows[name]["episodes_per_s"] / seed["episodes_per_s"]
         assert rows[name]["ratio_to_seed"] == pytest.approx(expected)
 

@@ -1,7 +1,8 @@
 """Episodes: which slices and which label ids make one N-way K-shot task, and the tensors it becomes.
 
 Drawing is pure index work on the in-memory pool, deterministic from (seed, rank, step, e): a run resumed
-at step s draws exactly what an uninterrupted run would have. Modes plug in as functions in `DRAW`:
+at step s draws exactly what an uninterrupted run would have (data.loader: stream runs the same draws over
+its buffer's slots, fsct.data.stream). Modes plug in as functions in `DRAW`:
   class       the notebook's: a label id is a class across slices; K+Q distinct slices per way
   slice       the ways are the structures of ONE labelled slice; support and query are augmented views
   superpixel  as slice, on superpixel pseudo-labels of (unlabelled) slices, after SSL-ALPNet
@@ -10,8 +11,9 @@ at step s draws exactly what an uninterrupted run would have. Modes plug in as f
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -51,8 +53,29 @@ def rng_for(seed: int, rank: int, step: int, e: int) -> np.random.Generator:
     return np.random.default_rng([seed, rank, step, e])  # e < 2**30; the mode draw uses 2**30
 
 
-def _usable(classes: dict[str, int], min_pixels: int) -> list[int]:
+def usable_ways(classes: dict[str, int], min_pixels: int) -> list[int]:
     return [int(c) for c, n in classes.items() if n >= min_pixels]
+
+
+def superpixel_ways(sp: np.ndarray, min_pixels: int) -> list[int]:
+    """The superpixel ids of one map (at any size) big enough to be a way: counts are scaled to full-size
+    pixels, so min_pixels means the same at every training size."""
+    scale = (512 / sp.shape[-1]) ** 2
+    counts = np.bincount(sp.ravel(), minlength=256) * scale
+    return [int(c) for c in np.flatnonzero(counts >= min_pixels) if c != 0]
+
+
+def mode_weights(cfg: EpisodeConfig) -> tuple[list[str], np.ndarray]:
+    """The episode kinds drawn (DRAW's keys: a Literal checked when the config loads) and their odds."""
+    mix = cfg.effective_mix
+    modes = sorted(mix)
+    w = np.array([mix[m] for m in modes], dtype=np.float64)
+    return modes, w / w.sum()
+
+
+def mode_at(seed: int, rank: int, step: int, modes: list[str], weights: np.ndarray) -> str:
+    # one mode per step, so the episodes of a step stack into one batch of equal shapes
+    return str(np.random.default_rng([seed, rank, step, 1 << 30]).choice(modes, p=weights))
 
 
 class ClassIndex:
@@ -62,7 +85,7 @@ class ClassIndex:
         need = cfg.k_shot + cfg.n_query
         by_class: dict[int, list[int]] = {}
         for i, classes in enumerate(pool.classes):
-            for c in _usable(classes, cfg.min_pixels):
+            for c in usable_ways(classes, cfg.min_pixels):
                 if allowed is None or c in allowed:
                     by_class.setdefault(c, []).append(i)
         self.slices = {c: np.array(v) for c, v in sorted(by_class.items()) if len(v) >= need}
@@ -108,13 +131,11 @@ class EpisodeSampler:
     def __init__(self, pool: Pool, cfg: EpisodeConfig, seed: int, rank: int = 0,
                  allowed_classes: set[int] | None = None, superpixel_pool: Pool | None = None):
         self.pool, self.cfg, self.seed, self.rank = pool, cfg, seed, rank
-        self.mix = cfg.effective_mix  # its kinds are DRAW's keys: a Literal checked when the config loads
-        self.modes = sorted(self.mix)
-        w = np.array([self.mix[m] for m in self.modes], dtype=np.float64)
-        self.weights = w / w.sum()
+        self.mix = cfg.effective_mix
+        self.modes, self.weights = mode_weights(cfg)
         self.class_index = ClassIndex(pool, cfg, allowed_classes) if "class" in self.mix else None
         if "slice" in self.mix:
-            self.slice_ways = [_usable(c, cfg.min_pixels) for c in pool.classes]
+            self.slice_ways = [usable_ways(c, cfg.min_pixels) for c in pool.classes]
             self.slice_candidates = np.array([i for i, w in enumerate(self.slice_ways) if len(w) >= cfg.n_way])
             if len(self.slice_candidates) == 0:
                 raise FsctError(f"slice episodes need slices with >= {cfg.n_way} structures; none in pool")
@@ -122,18 +143,13 @@ class EpisodeSampler:
         if "superpixel" in self.mix:
             if superpixel_pool is None or superpixel_pool.superpixels is None:
                 raise FsctError("superpixel episodes need shards written with `fsct shard --superpixels`")
-            sp = superpixel_pool.superpixels
-            # counts at pool size, scaled to full-size pixels so min_pixels means the same everywhere
-            scale = (512 / sp.shape[-1]) ** 2
-            self.sp_ways = [[int(c) for c in np.flatnonzero(np.bincount(s.ravel(), minlength=256) * scale
-                                                            >= cfg.min_pixels) if c != 0] for s in sp]
+            self.sp_ways = [superpixel_ways(s, cfg.min_pixels) for s in superpixel_pool.superpixels]
             self.sp_candidates = np.array([i for i, w in enumerate(self.sp_ways) if len(w) >= cfg.n_way])
             if len(self.sp_candidates) == 0:
                 raise FsctError(f"superpixel episodes need slices with >= {cfg.n_way} superpixels; none found")
 
     def mode_at(self, step: int) -> str:
-        # one mode per step, so the episodes of a step stack into one batch of equal shapes
-        return str(np.random.default_rng([self.seed, self.rank, step, 1 << 30]).choice(self.modes, p=self.weights))
+        return mode_at(self.seed, self.rank, step, self.modes, self.weights)
 
     def episode(self, step: int, e: int = 0) -> Episode:
         return DRAW[self.mode_at(step)](self, rng_for(self.seed, self.rank, step, e))
@@ -231,27 +247,68 @@ class EpisodeStream(IterableDataset):
             yield step, make_batch(eps, tensors, self.sampler.cfg.n_way, self.augment, gen, sp)
 
 
+class TrainSource(Protocol):
+    """One rank's training data, in memory (TrainData) or streamed (fsct.data.stream.StreamData): what the
+    trainer and `fsct bench train` ask of it."""
+
+    loader: str
+    shard_names: list[str]  # the train shards this rank reads
+    share_keys: list[str]  # the train slices this rank trains on (its share of the split)
+
+    def restore(self, ckpt: Path | None, rank: int) -> None:
+        """Continue from a training checkpoint (what `save` wrote there), or start afresh (None)."""
+
+    def save(self, ckpt: Path, rank: int) -> None:
+        """Write what `restore` needs into a checkpoint folder being written."""
+
+    def batches(self, cfg: Config, start: int, dev: torch.device) -> Iterator[tuple[list[list[str]], Batch]]:
+        """Per micro-step from start * grad_accum on: each episode's slice keys and the batch on `dev`."""
+
+
 @dataclass
 class TrainData:
-    """One rank's training data: its share of the train split (and of the unlabelled split when superpixel
-    episodes are drawn) decoded in memory, and the sampler that draws its episodes from them."""
+    """One rank's training data (data.loader: memory): its share of the train split (and of the unlabelled
+    split when superpixel episodes are drawn) decoded in memory, and the sampler that draws its episodes
+    from them. Episodes are indices drawn from (seed, rank, step): a checkpoint needs nothing from it."""
 
     pool: Pool
     sp_pool: Pool | None
     sampler: EpisodeSampler
+    shard_names: list[str] = field(default_factory=list)
+    loader: str = "memory"
+
+    @property
+    def share_keys(self) -> list[str]:
+        return self.pool.keys
 
     def keys(self, ep: Episode) -> list[str]:
         """The slice keys of an episode, support then query (what the episode audit records)."""
         keys = (self.sp_pool if ep.source == "superpixel" else self.pool).keys
         return [keys[i] for i in (*ep.support, *ep.query)]
 
+    def restore(self, ckpt: Path | None, rank: int) -> None:
+        pass
 
-def load_train_data(cfg: Config, rank: int, world: int) -> TrainData:
+    def save(self, ckpt: Path, rank: int) -> None:
+        pass
+
+    def batches(self, cfg: Config, start: int, dev: torch.device) -> Iterator[tuple[list[list[str]], Batch]]:
+        for episodes, batch in episode_batches(cfg, self.sampler, self.pool, self.sp_pool, start, dev):
+            yield [self.keys(ep) for ep in episodes], batch
+
+
+def load_train_data(cfg: Config, rank: int, world: int) -> TrainSource:
+    """This rank's training data, as `data.loader` says: decoded in memory, or streamed from its shards."""
+    if cfg.data.loader == "stream":
+        from fsct.data.stream import StreamData
+
+        return StreamData(cfg, rank, world)
     shards = Path(cfg.data.shards)
     names, keys = rank_subset(shards, cfg.data.train_split, rank, world)
     pool = load_split(shards, cfg.data.train_split, names, cfg.data.image_size, keys)
     sp_pool = superpixel_pool(cfg, shards, rank, world) if "superpixel" in cfg.episodes.effective_mix else None
-    return TrainData(pool, sp_pool, EpisodeSampler(pool, cfg.episodes, cfg.train.seed, rank, superpixel_pool=sp_pool))
+    return TrainData(pool, sp_pool, EpisodeSampler(pool, cfg.episodes, cfg.train.seed, rank, superpixel_pool=sp_pool),
+                     names)
 
 
 def superpixel_pool(cfg: Config, shards: Path, rank: int, world: int) -> Pool:

@@ -56,29 +56,55 @@ def read_index(folder: Path) -> dict:
 
 
 
-def iter_shard(path: Path) -> Iterator[dict]:
-    """Samples of one tar as {field: decoded value}, grouped by key, in file order (webdataset's layout)."""
+def iter_shard(path: Path, keys: set[str] | None = None, skip: frozenset[str] = frozenset()) -> Iterator[dict]:
+    """Samples of one tar as {field: decoded value}, grouped by key, in file order (webdataset's layout).
+    With `keys`, a sample outside them comes as its key alone: a reader of part of a tar decodes only that.
+    Fields in `skip` are left out (a label map the reader has no use for is not decoded)."""
     import webdataset as wds
 
     ds = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None,
                         empty_check=False)
     for raw in ds:
         sample = {"__key__": raw["__key__"]}
-        for k, v in raw.items():
-            if not k.startswith("__"):
-                sample[k] = decode(k, v)
+        if keys is None or raw["__key__"] in keys:
+            for k, v in raw.items():
+                if not k.startswith("__") and k not in skip:
+                    sample[k] = decode(k, v)
         yield sample
 
 
 def rank_subset(shards: Path, split: str, rank: int, world: int) -> tuple[list[str], set[str] | None]:
     """This rank's shards; with fewer shards than ranks, every rank reads all and keeps every world-th key."""
-    info = read_index(shards)["splits"].get(split)
+    return share(split_info(read_index(shards), shards, split), rank, world)
+
+
+def split_info(index: dict, shards: Path, split: str) -> dict:
+    info = index["splits"].get(split)
     if info is None:
         raise FsctError(f"{shards}: no split '{split}' in index.json")
+    return info
+
+
+def share(info: dict, rank: int, world: int) -> tuple[list[str], set[str] | None]:
+    """rank_subset on a split's index entry: shards[rank::world], or all shards and every world-th key."""
     names = [s["name"] for s in info["shards"]]
     if len(names) >= world:
         return names[rank::world], None
     return names, set(sorted(info["samples"], key=key_order)[rank::world])
+
+
+def index_subset(index: dict, split: str, names: list[str]) -> dict:
+    """What checked_shard needs to read these tars of a split (entries, and their samples without classes):
+    a reader of a few tars of a big data set keeps this, not the whole parsed index (~3 KB per slice)."""
+    info, wanted = index["splits"][split], set(names)
+    return {"splits": {split: {
+        "shards": [s for s in info["shards"] if s["name"] in wanted],
+        "samples": {k: {"shard": v["shard"]} for k, v in info["samples"].items() if v["shard"] in wanted}}}}
+
+
+def shard_keys(info: dict, name: str) -> list[str]:
+    """The keys of one tar of a split, in file order (index.json lists samples as they were written)."""
+    return [k for k, v in info["samples"].items() if v["shard"] == name]
 
 
 def key_order(k: str) -> tuple[int, str]:
@@ -117,6 +143,14 @@ def _resize(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.NEAREST if nearest else Image.BILINEAR))
 
 
+def sample_arrays(s: dict, size: int | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """A decoded sample's image, mask and superpixels (None where the tar has none), resized to `size`."""
+    img = next(v for k, v in s.items() if k.startswith("img."))
+    size = size or img.shape[-1]
+    label = lambda field: _resize(s[field], size, nearest=True) if field in s else None  # noqa: E731
+    return _resize(img, size, nearest=False), label("mask.png"), label("sp.png")
+
+
 def load_split(folder: Path | str, split: str, shard_names: list[str] | None = None, size: int | None = None,
                keys: set[str] | None = None) -> Pool:
     """Read (some shards of) a split back into memory, decoded and resized to `size`."""
@@ -127,16 +161,14 @@ def load_split(folder: Path | str, split: str, shard_names: list[str] | None = N
     names = shard_names if shard_names is not None else [s["name"] for s in index["splits"][split]["shards"]]
     out_keys, imgs, msks, sps, cls = [], [], [], [], []
     for name in names:
-        for s in checked_shard(folder, index, split, name):
-            if keys is not None and s["__key__"] not in keys:
-                continue
-            img = next(v for k, v in s.items() if k.startswith("img."))
+        for s in checked_shard(folder, index, split, name, keys):
+            img, mask, sp = sample_arrays(s, size)
             out_keys.append(s["__key__"])
-            imgs.append(_resize(img, size or img.shape[-1], nearest=False))
-            if "mask.png" in s:
-                msks.append(_resize(s["mask.png"], size or img.shape[-1], nearest=True))
-            if "sp.png" in s:
-                sps.append(_resize(s["sp.png"], size or img.shape[-1], nearest=True))
+            imgs.append(img)
+            if mask is not None:
+                msks.append(mask)
+            if sp is not None:
+                sps.append(sp)
             cls.append(s["meta.json"]["classes"])
     n = len(out_keys)
     stack = lambda xs: np.stack(xs) if xs and len(xs) == n else None  # noqa: E731
@@ -144,9 +176,12 @@ def load_split(folder: Path | str, split: str, shard_names: list[str] | None = N
     return Pool(out_keys, stack(imgs) if n else empty, stack(msks), stack(sps), cls)
 
 
-def checked_shard(folder: Path, index: dict, split: str, name: str) -> Iterator[dict]:
-    """The samples of one listed tar, after checking it against index.json: size and checksum first, then
-    exactly the listed keys in order. A disagreement stops with one line naming the tar."""
+def checked_shard(folder: Path, index: dict, split: str, name: str, keys: set[str] | None = None,
+                  checksum: bool = True, skip: frozenset[str] = frozenset()) -> Iterator[dict]:
+    """The samples of one listed tar (those in `keys`, when given; without the fields in `skip`), after
+    checking it against index.json: size and checksum first, then exactly the listed keys in order. A
+    disagreement stops with one line naming the tar. `checksum=False` skips the hash (a stream reopening a
+    tar it has hashed already)."""
     info = index["splits"][split]
     entry = next((s for s in info["shards"] if s["name"] == name), None)
     path = folder / name
@@ -158,17 +193,18 @@ def checked_shard(folder: Path, index: dict, split: str, name: str) -> Iterator[
     if size != entry["bytes"]:
         raise FsctError(f"{path}: {size} bytes, {folder / INDEX} says {entry['bytes']} (damaged or replaced; "
                         "re-run `fsct shard`)")
-    if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+    if checksum and "sha256" in entry and file_sha256(path) != entry["sha256"]:
         raise FsctError(f"{path}: checksum differs from {folder / INDEX} (damaged; re-run `fsct shard`)")
-    expected = {k for k, v in info["samples"].items() if v["shard"] == name}
+    expected = set(shard_keys(info, name))
     seen: set[str] = set()
     try:
-        for s in iter_shard(path):
+        for s in iter_shard(path, keys, skip):
             key = s["__key__"]
             if key not in expected or key in seen:
                 raise FsctError(f"{path}: sample '{key}' is not listed (once) for this tar in {folder / INDEX}")
             seen.add(key)
-            yield s
+            if keys is None or key in keys:
+                yield s
     except (tarfile.TarError, OSError, ValueError, KeyError) as e:
         raise FsctError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     if len(seen) != len(expected):

@@ -238,6 +238,57 @@ def _write_locked(paths, masks, assignment, source, labels, out, val_fraction, v
     return index
 
 
+def grow_splits(src: Path, out: Path, sizes: dict[str, int], shard_size: int = 256) -> dict:
+    """A bigger shard folder from a small one: `sizes[split]` slices of each split, `src`'s slices repeated
+    under new keys 0..n-1, written as `fsct shard` writes them (tars + index.json with checksums). For scaling
+    tests and benchmarks: a data set far bigger than a loader's memory, at the cost of a small one."""
+    index = read_index(src)
+    out = Path(out)
+    if out.exists():
+        raise FsctError(f"{out}: exists (grow_splits writes a new folder)")
+    tmp = temp_dir(out)
+    try:
+        splits = {}
+        for split, n in sizes.items():
+            info = index["splits"].get(split)
+            if info is None or not info["n_samples"]:
+                raise FsctError(f"{src}: no slices in split '{split}' to grow")
+            base = list(_raw_samples(src, info))
+            writer = SplitWriter(tmp, split, shard_size, 1 << 40)
+            for i in range(n):
+                sample = dict(base[i % len(base)])
+                meta = json.loads(sample["meta.json"])
+                sample["__key__"] = meta["key"] = str(i)
+                sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+                writer.write(sample)
+            writer.close()
+            splits[split] = writer.summary()
+        grown = {"version": VERSION, "encoding": index.get("encoding", {}), "seed": index.get("seed", 0),
+                 "val_fraction": index.get("val_fraction", 0.0), "val_classes": index.get("val_classes", []),
+                 "generation": 0, "sources": {s: {"grown_from": str(src)} for s in splits}, "splits": splits}
+        grown["stats"] = _dataset_stats(grown)
+        _commit(tmp, out, grown, merge=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return grown
+
+
+def _raw_samples(folder: Path, info: dict) -> Iterator[dict[str, bytes]]:
+    """A split's samples as the tars hold them ({field: bytes}), in index order."""
+    for shard in info["shards"]:
+        with tarfile.open(folder / shard["name"]) as tar:
+            sample: dict[str, bytes] = {}
+            for m in tar.getmembers():
+                key, field = m.name.split(".", 1)
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample["__key__"] = key
+                sample[field] = tar.extractfile(m).read()
+            if sample:
+                yield sample
+
+
 def _dataset_stats(index: dict) -> dict:
     splits = index["splits"]
     classes = set().union(*(set(s["classes"]) for s in splits.values())) if splits else set()

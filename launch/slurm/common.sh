@@ -18,19 +18,24 @@ if [ "$FSCT_CPU" = 1 ]; then
   default_config=launch/accelerate/cpu_2proc.yaml
 else
   PROCS_PER_NODE=$GPUS_PER_NODE
-  if [ "$NNODES" -gt 1 ]; then default_config=launch/accelerate/multinode.yaml
-  elif [ "$PROCS_PER_NODE" -gt 1 ]; then default_config=launch/accelerate/gpu_8.yaml
+  if [ "$PROCS_PER_NODE" -gt 1 ]; then default_config=launch/accelerate/gpu_8.yaml
   else default_config=launch/accelerate/gpu_1.yaml
   fi
 fi
+# Several nodes, GPU or CPU: multinode.yaml's c10d rendezvous at the first node's MAIN_HOST:MAIN_PORT (the
+# nodes' launchers may start in any order). tests/test_multinode.py runs two machine ranks on localhost with
+# the launch_args this file builds for SLURM_NNODES=2.
+if [ "$NNODES" -gt 1 ]; then default_config=launch/accelerate/multinode.yaml; fi
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-$default_config}
 MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 launch_args=(--config_file "$ACCELERATE_CONFIG"
              --num_machines "$NNODES" --num_processes $((NNODES * PROCS_PER_NODE))
              --main_process_ip "$MAIN_HOST" --main_process_port "$MAIN_PORT")
 if [ "$NNODES" -gt 1 ]; then
-  # c10d: the nodes' launchers may start in any order and meet at MAIN_HOST:MAIN_PORT.
-  launch_args+=(--rdzv_backend c10d)
+  launch_args+=(--rdzv_backend c10d)  # multinode.yaml's, kept when ACCELERATE_CONFIG names another file
+fi
+if [ "$FSCT_CPU" = 1 ]; then
+  launch_args+=(--mixed_precision no)  # fp32 on CPUs (multinode.yaml's bf16 is for GPUs)
 fi
 # srun starts one task per node; it gets the job's cores per task only when asked.
 cpus=()
