@@ -238,9 +238,22 @@ def basins(prob: torch.Tensor) -> torch.Tensor:
 
 
 def flood(seeds: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-    """A seeded watershed quantised to FLOOD_LEVELS rising levels of the boundary probability: at each level
-    the labels spread over the cells at or under it until nothing more is reached; the last level admits
-    every cell, so every cell connected to a seed ends labelled."""
+    """A seeded watershed on the boundary map quantised to FLOOD_LEVELS levels: level by level, labels spread
+    over the cells at or under it until nothing more is reached; every cell ends labelled. On a CPU tensor,
+    scikit-image's priority-queue watershed floods the same quantised map (5.6 s -> ~0.03 s per 256x256
+    slice, docs/PERFORMANCE.md); the torch loop, one dilation per pass, is for GPUs, where passes are cheap.
+    The two differ only where two fronts meet within one level."""
+    if seeds.device.type == "cpu":
+        from skimage.segmentation import watershed
+
+        q = torch.floor(prob * FLOOD_LEVELS).numpy()
+        return torch.from_numpy(np.stack([watershed(qi, si.astype(np.int64), connectivity=2)
+                                          for qi, si in zip(q, seeds.numpy(), strict=True)])).float()
+    return flood_torch(seeds, prob)
+
+
+def flood_torch(seeds: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """`flood` in torch ops, on any device."""
     lab = seeds
     for i in range(1, FLOOD_LEVELS + 1):
         allowed = prob <= (i / FLOOD_LEVELS if i < FLOOD_LEVELS else float("inf"))

@@ -20,6 +20,8 @@ from fsct.model.panet import PANet, boundary_target
 from fsct.partition import (
     FLOOD_LEVELS,
     basins,
+    flood,
+    flood_torch,
     hierarchy_partition,
     learned_hierarchies,
     learned_partition,
@@ -92,6 +94,21 @@ def test_basins_are_the_regional_minima_of_the_quantised_map():
     for q, s in zip(torch.floor(prob * FLOOD_LEVELS).numpy(), seeds, strict=True):
         np.testing.assert_array_equal(s > 0, local_minima(q, connectivity=2, allow_borders=True))
         assert s.max() > 1  # several basins, each labelled
+
+
+def test_cpu_and_torch_floods_label_every_cell_from_its_seed():
+    g = torch.Generator().manual_seed(2)
+    prob = torch.nn.functional.avg_pool2d(torch.rand((2, 1, 48, 48), generator=g), 7, 1, 3)[:, 0]
+    seeds = basins(prob)
+    for lab in (flood(seeds, prob), flood_torch(seeds, prob)):
+        assert (lab > 0).all()
+        assert torch.equal(lab[seeds > 0], seeds[seeds > 0])
+        assert set(lab.unique().tolist()) <= set(seeds.unique().tolist()) - {0.0}
+    # two pits and a ridge rising level by level between them: no tie, so both floods agree exactly
+    x = torch.linspace(0, 1, 40)
+    ridge = (1 - (2 * x - 1).abs()).expand(40, 40)[None] * 0.95
+    seeds = basins(ridge)
+    np.testing.assert_array_equal(flood(seeds, ridge).numpy(), flood_torch(seeds, ridge).numpy())
 
 
 def test_learned_partition_cuts_along_the_boundary_map_deterministically():
