@@ -3,6 +3,7 @@ on val slices of a shard set (what training chooses the threshold on) or on a la
 
   python tools/threshold_sweep.py --model RUN_OR_MODEL_DIR --shards SHARDS [--slices 8]
   python tools/threshold_sweep.py --model RUN_OR_MODEL_DIR --data DIR        # DIR/X_test/images + Y_test.csv
+  python tools/threshold_sweep.py --model M --shards SHARDS --data DIR       # val's choice, scored on test
   ... predict.partition_split=learned                                          # predict overrides
 
 Shows how many val slices a stable choice needs and whether the choice on val carries to test.
@@ -24,36 +25,54 @@ from fsct.predict import boundary_batch
 from fsct.threshold import GRID, threshold_scores
 
 
-def slices(a: argparse.Namespace, split: str) -> tuple[torch.Tensor, np.ndarray]:
-    """uint8 images (N,S,S) and label maps (N,S,S) of the first --slices slices."""
-    if a.data:
-        paths = list_images(a.data / "X_test" / "images")[: a.slices]
-        _, truth = read_labels(a.data / "Y_test.csv")
-        return torch.from_numpy(np.stack([read_image(p) for p in paths])), truth[: len(paths)]
-    t = PoolTensors.from_pool(load_split(a.shards, split))  # at their own size, as training scores them
-    return t.images[: a.slices], t.masks[: a.slices].numpy()
+def val_slices(shards: Path, split: str, n: int) -> tuple[torch.Tensor, np.ndarray]:
+    """uint8 images and label maps of the first n val slices, at their own size, as training scores them."""
+    t = PoolTensors.from_pool(load_split(shards, split))
+    return t.images[:n], t.masks[:n].numpy()
+
+
+def test_slices(data: Path, n: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The first n slices of DATA/X_test/images and their DATA/Y_test.csv label maps."""
+    paths = list_images(data / "X_test" / "images")[:n]
+    _, truth = read_labels(data / "Y_test.csv")
+    return torch.from_numpy(np.stack([read_image(p) for p in paths])), truth[: len(paths)]
+
+
+def sweep(model: torch.nn.Module, cfg, images: torch.Tensor, truth: np.ndarray) -> np.ndarray:
+    """Mean official score at every threshold of the grid."""
+    with torch.no_grad():
+        prob = torch.cat([boundary_batch(model, images[i:i + 8], False, cfg.data.image_size)
+                          for i in range(0, len(images), 8)])
+    return threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID).mean(1)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", type=Path, help="score the val split's slices")
-    src.add_argument("--data", type=Path, help="score a labelled test set at 512 px")
+    p.add_argument("--shards", type=Path, help="score the val split's slices")
+    p.add_argument("--data", type=Path, help="score a labelled test set at 512 px")
     p.add_argument("--slices", type=int, default=1000, help="the first N slices")
     p.add_argument("overrides", nargs="*", help="key=value over the model's config, e.g. predict.min_region=16")
     a = p.parse_args()
+    if not (a.shards or a.data):
+        p.error("give --shards, --data or both")
     model, cfg = load_model(a.model, a.overrides)
-    images, truth = slices(a, cfg.data.val_split)
-    with torch.no_grad():
-        prob = torch.cat([boundary_batch(model, images[i:i + 8], False, cfg.data.image_size)
-                          for i in range(0, len(images), 8)])
-    scores = threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID)
-    print(f"{len(images)} slices, partition_split={cfg.predict.partition_split}; saved threshold "
-          f"{cfg.predict.boundary_threshold}")
-    for t, row in zip(GRID, scores, strict=True):
-        print(f"threshold {t:.3f}: official {row.mean():.4f}")
-    print(f"best {GRID[int(scores.mean(1).argmax())]:.3f}")
+    sets = {}
+    if a.shards:
+        sets["val"] = val_slices(a.shards, cfg.data.val_split, a.slices)
+    if a.data:
+        sets["test"] = test_slices(a.data, a.slices)
+    print(f"partition_split={cfg.predict.partition_split}; saved threshold {cfg.predict.boundary_threshold}")
+    curves = {}
+    for name, (images, truth) in sets.items():
+        curves[name] = sweep(model, cfg, images, truth)
+        print(f"{name} ({len(images)} slices): " + " ".join(f"{t:.3f}:{v:.4f}" for t, v in zip(GRID, curves[name],
+                                                                                              strict=True)))
+        print(f"{name} best {GRID[int(curves[name].argmax())]:.3f}: {curves[name].max():.4f}")
+    if len(curves) == 2:
+        chosen = int(curves["val"].argmax())
+        print(f"val chooses {GRID[chosen]:.3f}: test {curves['test'][chosen]:.4f} (test's best "
+              f"{curves['test'].max():.4f} at {GRID[int(curves['test'].argmax())]:.3f})")
 
 
 if __name__ == "__main__":
