@@ -12,6 +12,7 @@ Shows how many val slices a stable choice needs and whether the choice on val ca
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ from fsct.threshold import GRID, threshold_scores
 
 
 def val_slices(shards: Path, split: str, n: int) -> tuple[torch.Tensor, np.ndarray]:
-    """uint8 images and label maps of the first n val slices, at their own size, as training scores them."""
+    """uint8 images and label maps of the first n slices of a split, at their own size, as training scores
+    val slices."""
     t = PoolTensors.from_pool(load_split(shards, split))
     return t.images[:n], t.masks[:n].numpy()
 
@@ -51,7 +53,9 @@ def main() -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--shards", type=Path, help="score the val split's slices")
     p.add_argument("--data", type=Path, help="score a labelled test set at 512 px")
+    p.add_argument("--split", help="the shards' split to score (default: the model's data.val_split)")
     p.add_argument("--slices", type=int, default=1000, help="the first N slices")
+    p.add_argument("--json", type=Path, help="write the curves here")
     p.add_argument("overrides", nargs="*", help="key=value over the model's config, e.g. predict.min_region=16")
     a = p.parse_args()
     if not (a.shards or a.data):
@@ -59,7 +63,7 @@ def main() -> None:
     model, cfg = load_model(a.model, a.overrides)
     sets = {}
     if a.shards:
-        sets["val"] = val_slices(a.shards, cfg.data.val_split, a.slices)
+        sets["val"] = val_slices(a.shards, a.split or cfg.data.val_split, a.slices)
     if a.data:
         sets["test"] = test_slices(a.data, a.slices)
     print(f"partition_split={cfg.predict.partition_split}; saved threshold {cfg.predict.boundary_threshold}")
@@ -69,6 +73,8 @@ def main() -> None:
         print(f"{name} ({len(images)} slices): " + " ".join(f"{t:.3f}:{v:.4f}" for t, v in zip(GRID, curves[name],
                                                                                               strict=True)))
         print(f"{name} best {GRID[int(curves[name].argmax())]:.3f}: {curves[name].max():.4f}")
+    if a.json:
+        a.json.write_text(json.dumps({"grid": GRID, **{k: v.tolist() for k, v in curves.items()}}))
     if len(curves) == 2:
         chosen = int(curves["val"].argmax())
         print(f"val chooses {GRID[chosen]:.3f}: test {curves['test'][chosen]:.4f} (test's best "
