@@ -240,7 +240,7 @@ def basins(prob: torch.Tensor) -> torch.Tensor:
 def flood(seeds: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
     """A seeded watershed on the boundary map quantised to FLOOD_LEVELS levels: level by level, labels spread
     over the cells at or under it until nothing more is reached; every cell ends labelled. On a CPU tensor,
-    scikit-image's priority-queue watershed floods the same quantised map (5.6 s -> ~0.03 s per 256x256
+    scikit-image's priority-queue watershed floods the same quantised map (5.6 s -> ~0.06 s per 256x256
     slice, docs/PERFORMANCE.md); the torch loop, one dilation per pass, is for GPUs, where passes are cheap.
     The two differ only where two fronts meet within one level."""
     if seeds.device.type == "cpu":
@@ -268,8 +268,9 @@ def flood_torch(seeds: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Hierarchy:
-    """One slice's units (an over-segmentation, ids >= 1) and the order in which pooled borders merge them:
-    every threshold's partition is a prefix of `merges`, so a whole threshold grid costs one agglomeration."""
+    """One slice's units (an over-segmentation, ids >= 1; 0, outside them, stays 0) and the order in which
+    pooled borders merge them: every threshold's partition is a prefix of `merges`, so a whole threshold grid
+    costs one agglomeration."""
 
     units: np.ndarray  # (H,W) int64
     merges: np.ndarray  # (M,3) float64 rows (height, kept id, merged id); heights never decrease
@@ -329,8 +330,8 @@ def cut(units: np.ndarray, merges: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def learned_hierarchies(boundary: torch.Tensor) -> list[Hierarchy]:
-    """Boundary probabilities (B,h,w) -> per slice, the watershed basins of the map at WORK_SIZE (a torch
-    flood on the map's device) and their merge order (CPU)."""
+    """Boundary probabilities (B,h,w) -> per slice, the watershed basins of the map at WORK_SIZE (`flood`)
+    and their merge order (CPU)."""
     prob = torch.nn.functional.interpolate(boundary.float()[:, None], size=(WORK_SIZE, WORK_SIZE),
                                            mode="bilinear", align_corners=False)[:, 0]
     units = flood(basins(prob), prob).cpu().numpy().astype(np.int64)
@@ -339,13 +340,17 @@ def learned_hierarchies(boundary: torch.Tensor) -> list[Hierarchy]:
 
 def hierarchy_partition(h: Hierarchy, threshold: float, min_region: int, out_size: int = 512) -> np.ndarray:
     """One slice's partition at a threshold: merged units, regions under `min_region` pixels (at 512x512)
-    joined to their longest-border neighbour, at most 255 -> uint8 (out_size, out_size), ids 1..n."""
+    joined to their longest-border neighbour, at most 255 -> uint8 (out_size, out_size), ids 1..n (0 where
+    the units have none)."""
     regions, _ = components(cut(h.units, h.merges, threshold))
-    min_cells = max(1, round(min_region * (WORK_SIZE / 512) ** 2))
+    min_cells = max(1, round(min_region * (regions.shape[-1] / 512) ** 2))
     regions = _cap(merge_small(regions, min_cells), MAX_ID)
     _, compact = np.unique(regions, return_inverse=True)
-    part = torch.from_numpy((compact.reshape(regions.shape) + 1).astype(np.uint8))
-    up = torch.nn.functional.interpolate(part[None, None].float(), size=(out_size, out_size), mode="nearest")
+    part = (compact.reshape(regions.shape) + (regions.min() > 0)).astype(np.uint8)
+    if part.shape[-1] == out_size:
+        return part
+    up = torch.nn.functional.interpolate(torch.from_numpy(part)[None, None].float(), size=(out_size, out_size),
+                                         mode="nearest")
     return up[0, 0].to(torch.uint8).numpy()
 
 
@@ -376,30 +381,20 @@ def border_strength(sp: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.nd
     return uniq // n, uniq % n, sums, count
 
 
-def merge_by_boundary(sp: np.ndarray, prob: np.ndarray, threshold: float) -> np.ndarray:
-    """Superpixels merged where their pooled shared border has a mean boundary probability under
-    `threshold` (merge_sequence, cut there). -> sp's map with merged ids (0 stays 0)."""
-    return cut(sp, merge_sequence(sp, prob), threshold)
-
-
 def body_superpixels(image: np.ndarray, scale: float) -> np.ndarray:
     """Felzenszwalb superpixels of the body, every body pixel in one (int64, 0 outside the body)."""
     sp = superpixels(image, scale=scale).astype(np.int64)
     return np.where(body_mask(image) & (sp == 0), int(sp.max()) + 1, sp)
 
 
-def boundary_merge_slice(image: np.ndarray, prob: np.ndarray, cfg: PredictConfig, threshold: float | None = None,
-                         sp: np.ndarray | None = None) -> np.ndarray:
+def boundary_hierarchy(image: np.ndarray, prob: np.ndarray, cfg: PredictConfig) -> Hierarchy:
     """`partition_split: boundary`: body superpixels (Felzenszwalb) snap the edges, the model's boundary map
-    (prob, float, the image's size) decides which of them belong together. -> uint8 partition, the image's
-    size (`min_region` counts pixels at 512x512)."""
-    sp = body_superpixels(image, cfg.sp_scale) if sp is None else sp
-    t = cfg.boundary_threshold if threshold is None else threshold
-    regions, n = components(merge_by_boundary(sp, prob, t))
-    if n == 0:
-        return np.zeros(image.shape, np.uint8)
-    min_region = max(1, round(cfg.min_region * image.size / 512**2))
-    regions = _cap(merge_small(regions, min_region), MAX_ID)
-    _, compact = np.unique(regions, return_inverse=True)
-    compact = compact.reshape(regions.shape)
-    return (compact + (regions.min() > 0)).astype(np.uint8)
+    (prob, float, the image's size) decides which of them belong together."""
+    sp = body_superpixels(image, cfg.sp_scale)
+    return Hierarchy(sp, merge_sequence(sp, prob))
+
+
+def boundary_merge_slice(image: np.ndarray, prob: np.ndarray, cfg: PredictConfig) -> np.ndarray:
+    """The `boundary` partition at cfg.boundary_threshold -> uint8, the image's size, 0 outside the body."""
+    return hierarchy_partition(boundary_hierarchy(image, prob, cfg), cfg.boundary_threshold, cfg.min_region,
+                               image.shape[-1])

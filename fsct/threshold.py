@@ -21,21 +21,18 @@ def threshold_scores(prob: torch.Tensor, images: np.ndarray, truths: np.ndarray,
                      thresholds: tuple[float, ...]) -> np.ndarray:
     """Boundary probabilities (N,h,w), uint8 slices and true label maps (N,H,W) -> official scores (T, N)
     of the configured partition (`learned` or `boundary`) at each threshold, at the truth's size."""
-    from fsct.partition import body_superpixels, boundary_merge_slice, hierarchy_partition, learned_hierarchies
+    from fsct.partition import boundary_hierarchy, hierarchy_partition, learned_hierarchies
 
     size = truths.shape[-1]
-    scores = np.zeros((len(thresholds), len(images)))
+    # One agglomeration per slice serves every threshold (each is a prefix of its merges).
     if cfg.partition_split == "learned":
-        # One agglomeration per slice serves every threshold (each is a prefix of its merges).
         hier = learned_hierarchies(prob)
-        for i, t in enumerate(thresholds):
-            scores[i] = [official_score_slice(tr, hierarchy_partition(h, t, cfg.min_region, size))
-                         for tr, h in zip(truths, hier, strict=True)]
-        return scores
-    full = torch.nn.functional.interpolate(prob.float()[:, None], size=(size, size), mode="bilinear",
-                                           align_corners=False)[:, 0].cpu().numpy()
-    sps = [body_superpixels(im, cfg.sp_scale) for im in images]  # once, for every threshold
+    else:
+        full = torch.nn.functional.interpolate(prob.float()[:, None], size=(size, size), mode="bilinear",
+                                               align_corners=False)[:, 0].cpu().numpy()
+        hier = [boundary_hierarchy(im, p, cfg) for im, p in zip(images, full, strict=True)]
+    scores = np.zeros((len(thresholds), len(images)))
     for i, t in enumerate(thresholds):
-        preds = [boundary_merge_slice(im, p, cfg, t, sp) for im, p, sp in zip(images, full, sps, strict=True)]
-        scores[i] = [official_score_slice(tr, pr) for tr, pr in zip(truths, preds, strict=True)]
+        scores[i] = [official_score_slice(tr, hierarchy_partition(h, t, cfg.min_region, size))
+                     for tr, h in zip(truths, hier, strict=True)]
     return scores

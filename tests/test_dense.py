@@ -20,12 +20,13 @@ from fsct.model.panet import PANet, boundary_target
 from fsct.partition import (
     FLOOD_LEVELS,
     basins,
+    cut,
     flood,
     flood_torch,
     hierarchy_partition,
     learned_hierarchies,
     learned_partition,
-    merge_by_boundary,
+    merge_sequence,
 )
 from fsct.submission import read_submission
 from fsct.threshold import GRID, threshold_scores
@@ -291,12 +292,12 @@ def test_partition_recipe_trains_validates_and_predicts(shards: Path, tmp_path: 
     assert all(len(np.unique(m)) >= 2 for m in subs[0])
 
 
-def test_merge_by_boundary_glues_superpixels_the_model_sees_no_border_between():
+def test_pooled_border_merge_glues_superpixels_the_model_sees_no_border_between():
     sp = np.zeros((40, 40), np.int64)
     sp[:20, :20], sp[:20, 20:], sp[20:, :20], sp[20:, 20:] = 1, 2, 3, 4  # four "superpixels"
     prob = np.full((40, 40), 0.1)
     prob[19:21, :] = 0.9  # a real border between the top and the bottom half
-    merged = merge_by_boundary(sp, prob, threshold=0.5)
+    merged = cut(sp, merge_sequence(sp, prob), 0.5)
     assert merged[0, 0] == merged[0, 39] and merged[39, 0] == merged[39, 39]
     assert merged[0, 0] != merged[39, 0]
     # a strong border along most of a pair, weak at one spot: pooled, the pair stays apart
@@ -304,9 +305,9 @@ def test_merge_by_boundary_glues_superpixels_the_model_sees_no_border_between():
     prob[:, 19:21] = 0.9
     prob[19:21, :] = 0.9
     prob[30:32, 19:21] = 0.1
-    merged = merge_by_boundary(sp, prob, threshold=0.5)
+    merged = cut(sp, merge_sequence(sp, prob), 0.5)
     assert len(np.unique(merged)) == 4
-    np.testing.assert_array_equal(merge_by_boundary(sp, prob, 0.95), np.full_like(sp, merged[0, 0]))
+    np.testing.assert_array_equal(cut(sp, merge_sequence(sp, prob), 0.95), np.full_like(sp, merged[0, 0]))
 
 
 def test_threshold_scores_find_the_threshold_that_separates():
