@@ -133,6 +133,9 @@ class PredictConfig:
     # partition: boundary | learned (dense models) | group | superpixels | components (see fsct/partition.py)
     partition_split: Literal["boundary", "learned", "group", "superpixels", "components"] = "group"
     boundary_threshold: float = 0.5  # boundary/learned: borders at or above this probability separate regions
+    # learned: weight of the embedding distance (1 - cosine of two regions' mean embeddings) in the merge cost,
+    # beside (1 - weight) x the pooled border's mean probability; 0 = the border alone
+    embedding_weight: float = 0.0
     sp_scale: float = 30.0  # partition: Felzenszwalb scale of those superpixels (larger: fewer, bigger)
     glue_cosine: float = 0.0  # partition group: glue neighbour superpixels with embedding cosine >= this (0 off)
 

@@ -276,33 +276,55 @@ class Hierarchy:
     merges: np.ndarray  # (M,3) float64 rows (height, kept id, merged id); heights never decrease
 
 
-def merge_sequence(units: np.ndarray, prob: np.ndarray) -> np.ndarray:
-    """Greedy agglomeration of adjacent units (ids > 0) run to the end: repeatedly merge the pair whose shared
-    border has the lowest mean boundary probability, borders pooled as regions merge. -> (M,3) rows (height,
-    kept, merged), height = the highest border mean merged so far. Pooling (not one-shot thresholding)
-    keeps one weak spot in a long border from gluing two structures; stopping at threshold t is the prefix of
-    rows with height < t, exactly what a run stopped at the first border mean >= t does."""
+def merge_sequence(units: np.ndarray, prob: np.ndarray, emb: np.ndarray | None = None,
+                   emb_weight: float = 0.0) -> np.ndarray:
+    """Greedy agglomeration of adjacent units (ids > 0) run to the end: repeatedly merge the pair with the
+    lowest cost, borders and embeddings pooled as regions merge. -> (M,3) rows (height, kept, merged), height =
+    the highest cost merged so far, so stopping at threshold t is the prefix of rows with height < t.
+
+    cost = (1 - emb_weight) * mean boundary probability on the pair's shared border
+           + emb_weight * (1 - cosine of the two regions' mean embeddings)   (emb: (C,H,W), units' size).
+    Pooling (not one-shot thresholding) keeps one weak spot in a long border from gluing two structures. The
+    embedding term is a region's whole content, not its rim: two organs whose border the map draws faintly
+    still differ in it, so one threshold carries across body levels the border alone cut differently at
+    (docs/RESULTS.md)."""
     import heapq
 
     a, b, sums, counts = border_strength(units, prob)
+    w = float(emb_weight) if emb is not None else 0.0
+    vec = None
+    if w > 0:
+        n = int(units.max()) + 1
+        flat = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).reshape(emb.shape[0], -1).T
+        sums_e = torch.zeros(n, emb.shape[0]).index_add_(0, torch.from_numpy(units.ravel()), flat)
+        vec = dict(enumerate(sums_e.double().numpy()))
     adj: dict[int, dict[int, list[float]]] = {}
     for x, y, s, c in zip(a.tolist(), b.tolist(), sums.tolist(), counts.tolist(), strict=True):
         adj.setdefault(x, {})[y] = [s, c]
         adj.setdefault(y, {})[x] = [s, c]
-    heap = [(s / c, x, y) for x, y, s, c in zip(a.tolist(), b.tolist(), sums.tolist(), counts.tolist(), strict=True)]
+
+    def cost(x: int, y: int) -> float:
+        s, c = adj[x][y]
+        if vec is None:
+            return s / c
+        u, v = vec[x], vec[y]
+        cos = float(u @ v) / (float(np.linalg.norm(u) * np.linalg.norm(v)) + 1e-12)
+        return (1.0 - w) * s / c + w * (1.0 - cos)
+
+    version: dict[int, int] = {}
+    heap = [(cost(x, y), x, y, 0, 0) for x, y in zip(a.tolist(), b.tolist(), strict=True)]
     heapq.heapify(heap)
-    merged: set[int] = set()
     rows, height = [], 0.0
     while heap:
-        mean, x, y = heapq.heappop(heap)
-        if x in merged or y in merged or y not in adj.get(x, {}):
-            continue  # merged away since it was pushed
-        s, c = adj[x][y]
-        if s / c != mean:
-            continue  # a stale entry: the pair's border grew, its current mean is queued too
-        height = max(height, mean)
+        c, x, y, vx, vy = heapq.heappop(heap)
+        if version.get(x, 0) != vx or version.get(y, 0) != vy or y not in adj.get(x, {}):
+            continue  # stale: one side merged or grew since this entry was pushed; its current cost is queued
+        height = max(height, c)
         rows.append((height, x, y))
-        merged.add(y)
+        version[y] = -1
+        version[x] = vx + 1
+        if vec is not None:
+            vec[x] = vec[x] + vec.pop(y)
         for z, (sz, cz) in adj.pop(y).items():
             del adj[z][y]
             if z == x:
@@ -311,7 +333,9 @@ def merge_sequence(units: np.ndarray, prob: np.ndarray) -> np.ndarray:
             cur[0] += sz
             cur[1] += cz
             adj[z][x] = cur
-            heapq.heappush(heap, (cur[0] / cur[1], min(x, z), max(x, z)))
+        for z in adj[x]:  # every neighbour of the grown region: its border or its content changed
+            lo, hi = min(x, z), max(x, z)
+            heapq.heappush(heap, (cost(lo, hi), lo, hi, version.get(lo, 0), version.get(hi, 0)))
     return np.array(rows, np.float64).reshape(-1, 3)
 
 
@@ -329,13 +353,21 @@ def cut(units: np.ndarray, merges: np.ndarray, threshold: float) -> np.ndarray:
     return parent[units]
 
 
-def learned_hierarchies(boundary: torch.Tensor) -> list[Hierarchy]:
-    """Boundary probabilities (B,h,w) -> per slice, the watershed basins of the map at WORK_SIZE (`flood`)
-    and their merge order (CPU)."""
-    prob = torch.nn.functional.interpolate(boundary.float()[:, None], size=(WORK_SIZE, WORK_SIZE),
-                                           mode="bilinear", align_corners=False)[:, 0]
+def learned_hierarchies(boundary: torch.Tensor, emb: torch.Tensor | None = None,
+                        emb_weight: float = 0.0) -> list[Hierarchy]:
+    """Boundary probabilities (B,h,w) and, with emb_weight > 0, embeddings (B,C,h',w') -> per slice, the
+    watershed basins of the map at WORK_SIZE (`flood`) and their merge order (CPU)."""
+    prob = _work(boundary.float()[:, None])[:, 0]
     units = flood(basins(prob), prob).cpu().numpy().astype(np.int64)
-    return [Hierarchy(u, merge_sequence(u, p)) for u, p in zip(units, prob.cpu().numpy(), strict=True)]
+    out = []
+    for i, (u, p) in enumerate(zip(units, prob.cpu().numpy(), strict=True)):
+        e = _work(emb[i:i + 1].float())[0].cpu().numpy() if emb is not None and emb_weight > 0 else None
+        out.append(Hierarchy(u, merge_sequence(u, p, e, emb_weight)))
+    return out
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False)
 
 
 def hierarchy_partition(h: Hierarchy, threshold: float, min_region: int, out_size: int = 512) -> np.ndarray:
@@ -354,14 +386,16 @@ def hierarchy_partition(h: Hierarchy, threshold: float, min_region: int, out_siz
     return up[0, 0].to(torch.uint8).numpy()
 
 
-def learned_partition(boundary: torch.Tensor, cfg: PredictConfig, out_size: int = 512) -> np.ndarray:
-    """Boundary probabilities (B,h,w) -> partitions (B,out_size,out_size) uint8, ids 1..n per slice.
+def learned_partition(boundary: torch.Tensor, cfg: PredictConfig, out_size: int = 512,
+                      emb: torch.Tensor | None = None) -> np.ndarray:
+    """Boundary probabilities (B,h,w) (+ embeddings (B,C,h,w) for cfg.embedding_weight > 0) -> partitions
+    (B,out_size,out_size) uint8, ids 1..n per slice.
 
     The map's watershed basins (every structure whose inside is lower than its rim gets one) are merged
-    where their pooled border stays under `boundary_threshold`: borders follow the model's boundary map,
-    not intensity."""
+    while their merge cost (pooled border, and embedding distance) stays under `boundary_threshold`: borders
+    follow the model, not intensity."""
     return np.stack([hierarchy_partition(h, cfg.boundary_threshold, cfg.min_region, out_size)
-                     for h in learned_hierarchies(boundary)])
+                     for h in learned_hierarchies(boundary, emb, cfg.embedding_weight)])
 
 
 def border_strength(sp: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

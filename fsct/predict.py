@@ -105,23 +105,29 @@ def predict_batch(model: PANet, protos: Prototypes, images: torch.Tensor, cfg: P
 
 
 @torch.no_grad()
-def boundary_batch(model: PANet, images: torch.Tensor, tta_flip: bool, image_size: int) -> torch.Tensor:
-    """uint8 (B,H,W) slices -> the model's boundary probabilities (B,h,w) at its stride 2."""
+def dense_maps(model: PANet, images: torch.Tensor, tta_flip: bool, image_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (B,H,W) slices -> the model's boundary probabilities (B,h,w) and embeddings (B,C,h,w), both at its
+    stride 2."""
     x = _input(images, image_size)
-    prob = torch.sigmoid(model.dense(x)[1].float())
+    emb, logit = model.dense(x)
+    prob, emb = torch.sigmoid(logit.float()), emb.float()
     if tta_flip:
-        prob = 0.5 * (prob + torch.sigmoid(model.dense(x.flip(-1))[1].float()).flip(-1))
-    return prob
+        emb_f, logit_f = model.dense(x.flip(-1))
+        prob = 0.5 * (prob + torch.sigmoid(logit_f.float()).flip(-1))
+        emb = 0.5 * (emb + emb_f.float().flip(-1))
+    return prob, emb
 
 
 def learned_masks(model: PANet, images: torch.Tensor, cfg: PredictConfig, image_size: int) -> np.ndarray:
-    """A partition of uint8 (B,512,512) slices drawn from the model's boundary map: `learned` (its watershed
-    basins merged by their borders) or `boundary` (CPU superpixels merged where the model sees no border)."""
+    """A partition of uint8 (B,512,512) slices drawn from the model: `learned` (the watershed basins of its
+    boundary map merged by their borders and embeddings) or `boundary` (CPU superpixels merged where the model
+    sees no border)."""
     from fsct.partition import boundary_merge_slice, learned_partition
 
-    prob = boundary_batch(model, images, cfg.tta_flip, image_size)
+    prob, emb = dense_maps(model, images, cfg.tta_flip, image_size)
     if cfg.partition_split == "learned":
-        return learned_partition(prob, cfg, OUT_SIZE)
+        return learned_partition(prob, cfg, OUT_SIZE, emb)
     full = F.interpolate(prob[:, None], size=(OUT_SIZE, OUT_SIZE), mode="bilinear", align_corners=False)[:, 0]
     imgs = images.cpu().numpy()
     return np.stack([boundary_merge_slice(im, p, cfg) for im, p in zip(imgs, full.cpu().numpy(), strict=True)])

@@ -404,7 +404,7 @@ def validate(acc, step_fn: nn.Module, val: ValSet, cfg: Config) -> tuple[dict[st
 def partition_scores(model: nn.Module, val: ValSet, cfg: Config, rank: int, world: int) -> torch.Tensor:
     """Per threshold of the grid (fsct.threshold), the sum of the official scores of the configured partition
     over this rank's share of the first `train.val_slices` val slices, then the count."""
-    from fsct.predict import boundary_batch
+    from fsct.predict import dense_maps
     from fsct.threshold import threshold_scores
 
     grid = val_thresholds(cfg)
@@ -414,8 +414,8 @@ def partition_scores(model: nn.Module, val: ValSet, cfg: Config, rank: int, worl
         return torch.zeros(len(grid) + 1, dtype=torch.float64)
     dev = next(model.parameters()).device
     images = slices.images[idx]
-    prob = boundary_batch(model, torch.from_numpy(images).to(dev), False, cfg.data.image_size)
-    scores = threshold_scores(prob, images, slices.masks[idx], cfg.predict, grid)
+    prob, emb = dense_maps(model, torch.from_numpy(images).to(dev), False, cfg.data.image_size)
+    scores = threshold_scores(prob, images, slices.masks[idx], cfg.predict, grid, emb)
     return torch.tensor([*scores.sum(1), len(idx)], dtype=torch.float64)
 
 

@@ -310,6 +310,22 @@ def test_pooled_border_merge_glues_superpixels_the_model_sees_no_border_between(
     np.testing.assert_array_equal(cut(sp, merge_sequence(sp, prob), 0.95), np.full_like(sp, merged[0, 0]))
 
 
+def test_embedding_term_keeps_apart_what_differs_and_joins_what_matches():
+    sp = np.zeros((40, 40), np.int64)
+    sp[:20, :20], sp[:20, 20:], sp[20:, :20], sp[20:, 20:] = 1, 2, 3, 4
+    prob = np.full((40, 40), 0.3)  # the same faint border everywhere: the map alone cannot tell the pairs apart
+    emb = np.zeros((2, 40, 40))
+    emb[0, :20] = 1.0  # the top half is one structure, the bottom half another
+    emb[1, 20:] = 1.0
+    assert len(np.unique(cut(sp, merge_sequence(sp, prob), 0.5))) == 1  # border alone: all merged
+    # cost = 0.5 * 0.3 + 0.5 * (1 - cos): 0.15 within a half, 0.65 across
+    merges = merge_sequence(sp, prob, emb, 0.5)
+    np.testing.assert_allclose(merges[:, 0], [0.15, 0.15, 0.65])
+    merged = cut(sp, merges, 0.4)
+    assert merged[0, 0] == merged[0, 39] and merged[39, 0] == merged[39, 39] and merged[0, 0] != merged[39, 0]
+    np.testing.assert_array_equal(merge_sequence(sp, prob, emb, 0.0), merge_sequence(sp, prob))
+
+
 def test_threshold_scores_find_the_threshold_that_separates():
     truth = np.zeros((1, 64, 64), np.uint8)
     truth[0, :30], truth[0, 34:] = 1, 2

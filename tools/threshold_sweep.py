@@ -22,7 +22,7 @@ from fsct.checkpoint import load_model
 from fsct.data.challenge import list_images, read_image, read_labels
 from fsct.data.episodes import PoolTensors
 from fsct.data.pool import load_split
-from fsct.predict import boundary_batch
+from fsct.predict import dense_maps
 from fsct.threshold import GRID, threshold_scores
 
 
@@ -42,10 +42,9 @@ def test_slices(data: Path, n: int) -> tuple[torch.Tensor, np.ndarray]:
 
 def sweep(model: torch.nn.Module, cfg, images: torch.Tensor, truth: np.ndarray) -> np.ndarray:
     """Mean official score at every threshold of the grid."""
-    with torch.no_grad():
-        prob = torch.cat([boundary_batch(model, images[i:i + 8], False, cfg.data.image_size)
-                          for i in range(0, len(images), 8)])
-    return threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID).mean(1)
+    maps = [dense_maps(model, images[i:i + 8], False, cfg.data.image_size) for i in range(0, len(images), 8)]
+    prob, emb = (torch.cat(m) for m in zip(*maps, strict=True))
+    return threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID, emb).mean(1)
 
 
 def main() -> None:
