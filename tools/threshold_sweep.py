@@ -6,7 +6,8 @@ on val slices of a shard set (what training chooses the threshold on) or on a la
   python tools/threshold_sweep.py --model M --shards SHARDS --data DIR       # val's choice, scored on test
   ... predict.partition_split=learned                                          # predict overrides
 
-Shows how many val slices a stable choice needs and whether the choice on val carries to test.
+Shows how many val slices a stable choice needs and whether the choice on val carries to test; --per-slice
+prints each slice's own best threshold.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def test_slices(data: Path, n: int) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def sweep(model: torch.nn.Module, cfg, images: torch.Tensor, truth: np.ndarray) -> np.ndarray:
-    """Mean official score at every threshold of the grid."""
+    """Official scores (T thresholds of the grid, N slices)."""
     maps = [dense_maps(model, images[i:i + 8], False, cfg.data.image_size) for i in range(0, len(images), 8)]
     prob, emb = (torch.cat(m) for m in zip(*maps, strict=True))
-    return threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID, emb).mean(1)
+    return threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID, emb)
 
 
 def main() -> None:
@@ -55,6 +56,7 @@ def main() -> None:
     p.add_argument("--split", help="the shards' split to score (default: the model's data.val_split)")
     p.add_argument("--slices", type=int, default=1000, help="the first N slices")
     p.add_argument("--json", type=Path, help="write the curves here")
+    p.add_argument("--per-slice", action="store_true", help="print each slice's best threshold too")
     p.add_argument("overrides", nargs="*", help="key=value over the model's config, e.g. predict.min_region=16")
     a = p.parse_args()
     if not (a.shards or a.data):
@@ -68,7 +70,11 @@ def main() -> None:
     print(f"partition_split={cfg.predict.partition_split}; saved threshold {cfg.predict.boundary_threshold}")
     curves = {}
     for name, (images, truth) in sets.items():
-        curves[name] = sweep(model, cfg, images, truth)
+        scores = sweep(model, cfg, images, truth)
+        curves[name] = scores.mean(1)
+        if a.per_slice:
+            print(f"{name} per slice, best threshold (score): " + " ".join(
+                f"{GRID[int(i)]:.3f} ({v:.3f})" for i, v in zip(scores.argmax(0), scores.max(0), strict=True)))
         print(f"{name} ({len(images)} slices): " + " ".join(f"{t:.3f}:{v:.4f}" for t, v in zip(GRID, curves[name],
                                                                                               strict=True)))
         print(f"{name} best {GRID[int(curves[name].argmax())]:.3f}: {curves[name].max():.4f}")
