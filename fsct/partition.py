@@ -285,9 +285,9 @@ def merge_sequence(units: np.ndarray, prob: np.ndarray, emb: np.ndarray | None =
     cost = (1 - emb_weight) * mean boundary probability on the pair's shared border
            + emb_weight * (1 - cosine of the two regions' mean embeddings)   (emb: (C,H,W), units' size).
     Pooling (not one-shot thresholding) keeps one weak spot in a long border from gluing two structures. The
-    embedding term is a region's whole content, not its rim: two organs whose border the map draws faintly
-    still differ in it, so one threshold carries across body levels the border alone cut differently at
-    (docs/RESULTS.md)."""
+    embedding term weighs a region's whole content, not its rim: two organs whose border the map draws faintly
+    still differ in it. With it, the threshold val chooses carries to test slices of other body levels,
+    where the border alone needed a different threshold at each level (docs/RESULTS.md)."""
     import heapq
 
     a, b, sums, counts = border_strength(units, prob)
