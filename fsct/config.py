@@ -132,7 +132,9 @@ class PredictConfig:
     min_region: int = 64  # partition: regions smaller than this (pixels at 512x512) are merged
     # partition: boundary | learned (dense models) | group | superpixels | components (see fsct/partition.py)
     partition_split: Literal["boundary", "learned", "group", "superpixels", "components"] = "group"
-    boundary_threshold: float = 0.5  # boundary/learned: borders at or above this probability separate regions
+    # boundary/learned: regions stay apart where the merge cost is at or above this (the border's mean
+    # probability; for learned with embedding_weight > 0, the weighted cost below)
+    boundary_threshold: float = 0.5
     # learned: weight of the embedding distance (1 - cosine of two regions' mean embeddings) in the merge cost,
     # beside (1 - weight) x the pooled border's mean probability; 0 = the border alone
     embedding_weight: float = 0.0
