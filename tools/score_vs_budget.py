@@ -153,8 +153,9 @@ def main() -> None:
     if a.wandb:
         import wandb
 
+        # the same default as the training runs (sh): offline unless WANDB_MODE says otherwise
         run = wandb.init(project="fsct", job_type="score-vs-budget", config=results | {"systems": list(systems)},
-                         dir=str(a.work))
+                         dir=str(a.work), mode=os.environ.get("WANDB_MODE", "offline"))
         for i, step in enumerate(a.steps):
             run.log({f"test/official/{n}": pts[i][1] for n, pts in results["systems"].items()}
                     | {f"test/official/{n}": v for n, v in results["baselines"].items()}, step=step)
