@@ -126,6 +126,8 @@ class PredictConfig:
     # class: argmax over support classes + bg; partition: unexplained foreground split apart
     k_shot: int = 5  # support slices per class
     batch_size: int = 16
+    # average the maps with those of the mirrored slice; dense models: set it in the training config, whose
+    # validation chooses boundary_threshold on the same maps
     tta_flip: bool = False
     seed: int = 0
     unexplained_threshold: float = 0.5  # partition: best softmax probability under which a pixel is unexplained

@@ -414,7 +414,8 @@ def partition_scores(model: nn.Module, val: ValSet, cfg: Config, rank: int, worl
         return torch.zeros(len(grid) + 1, dtype=torch.float64)
     dev = next(model.parameters()).device
     images = slices.images[idx]
-    prob, emb = dense_maps(model, torch.from_numpy(images).to(dev), False, cfg.data.image_size)
+    # the maps predict will cut (flip TTA or not), so the threshold chosen here is the one that fits them
+    prob, emb = dense_maps(model, torch.from_numpy(images).to(dev), cfg.predict.tta_flip, cfg.data.image_size)
     scores = threshold_scores(prob, images, slices.masks[idx], cfg.predict, grid, emb)
     return torch.tensor([*scores.sum(1), len(idx)], dtype=torch.float64)
 

@@ -292,6 +292,43 @@ def test_partition_recipe_trains_validates_and_predicts(shards: Path, tmp_path: 
     assert all(len(np.unique(m)) >= 2 for m in subs[0])
 
 
+def test_validation_chooses_the_threshold_on_the_maps_predict_cuts():
+    from fsct.config import Config
+    from fsct.data.pool import Pool
+    from fsct.predict import dense_maps
+    from fsct.train import ValSet, partition_scores
+
+    torch.manual_seed(0)
+    masks = np.zeros((3, 64, 64), np.uint8)
+    masks[:, 4:30, 4:60], masks[:, 34:60, 4:60] = 1, 2
+    noise = np.random.default_rng(0).random((3, 64, 64)) * 60
+    images = (masks * 80 + noise).astype(np.uint8)
+    val = ValSet(None, None, Pool(["a", "b", "c"], images, masks, None, [{}, {}, {}]))
+
+    class Edges(nn.Module):  # a dense model whose boundary map is the image's one-sided gradient
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.tensor(10.0))
+
+        def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = torch.nn.functional.avg_pool2d(x, 2)
+            edge = (x - x.roll(1, -1)).abs() + (x - x.roll(1, -2)).abs()  # not mirror-symmetric
+            return torch.cat([x, x.roll(3, -1)], 1), (self.gain * edge - 3).squeeze(1)
+
+    model = Edges()
+    cfg = Config()
+    cfg.data.image_size = 64
+    cfg.predict.partition_split, cfg.predict.embedding_weight = "learned", 0.6
+    expected = {}
+    for tta in (False, True):
+        cfg.predict.tta_flip = tta
+        prob, emb = dense_maps(model, torch.from_numpy(images), tta, 64)
+        expected[tta] = threshold_scores(prob, images, masks, cfg.predict, GRID, emb).sum(1)
+        got = partition_scores(model, val, cfg, rank=0, world=1).numpy()
+        np.testing.assert_allclose(got, [*expected[tta], 3])
+    assert not np.allclose(expected[False], expected[True])  # flip TTA changes the maps, so the choice
+
+
 def test_pooled_border_merge_glues_superpixels_the_model_sees_no_border_between():
     sp = np.zeros((40, 40), np.int64)
     sp[:20, :20], sp[:20, 20:], sp[20:, :20], sp[20:, 20:] = 1, 2, 3, 4  # four "superpixels"

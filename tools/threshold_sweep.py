@@ -43,7 +43,8 @@ def test_slices(data: Path, n: int) -> tuple[torch.Tensor, np.ndarray]:
 
 def sweep(model: torch.nn.Module, cfg, images: torch.Tensor, truth: np.ndarray) -> np.ndarray:
     """Official scores (T thresholds of the grid, N slices)."""
-    maps = [dense_maps(model, images[i:i + 8], False, cfg.data.image_size) for i in range(0, len(images), 8)]
+    maps = [dense_maps(model, images[i:i + 8], cfg.predict.tta_flip, cfg.data.image_size)
+            for i in range(0, len(images), 8)]
     prob, emb = (torch.cat(m) for m in zip(*maps, strict=True))
     return threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID, emb)
 
