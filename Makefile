@@ -54,6 +54,7 @@ bench-submission: install
 bench-gpu: install
 	$(FSCT) bench train --config configs/panet_5w5s.yaml --compare-compile --out bench/train.json
 	$(FSCT) bench predict --out bench/predict.json
+	$(FSCT) bench predict --config configs/partition_gpu.yaml --compare-partition-ops --out bench/predict_partition.json
 
 clean:
 	rm -rf outputs bench data shards/*/ wandb

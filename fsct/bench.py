@@ -15,7 +15,9 @@ train, in one process on one device (cuda when there is one, else cpu):
 Both fsct measurements run `fsct.engine.train_step`, the trainer's own step, through a single-process
 Accelerator: a change to training is measured as it is.
 predict: slices/s of `fsct predict`'s work: support prototypes once, then batches of 512x512 uint8 slices
-through `predict_batch` (resize, features, cosine logits, upsampling to 512, argmax, copy to the host).
+through `predict_batch` (resize, features, cosine logits, upsampling to 512, argmax, copy to the host); for a
+dense model predicting the learned partition, `learned_masks` (maps, basins, flood, merges, 512 px ids on the
+host), with `--compare-partition-ops` once on the CPU path and once as batched torch ops.
 
 FLOPs of one episode are counted by torch's FlopCounterMode on an eager copy of the model (forward and
 backward; it counts convolutions and matrix products, which are nearly all of the work). Timings drain the
@@ -44,7 +46,7 @@ from torch import nn
 
 from fsct.atomic import atomic_file
 from fsct.checkpoint import load_model, save_model
-from fsct.config import Config, load_config
+from fsct.config import Config, PredictConfig, load_config
 from fsct.engine import make_accelerator, make_optimizer, resolve_precision, train_step
 from fsct.errors import FsctError
 
@@ -510,7 +512,7 @@ def fresh_checkpoint(cfg: Config, folder: Path) -> Path:
 
 def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
     from fsct.data.pool import load_split, read_index
-    from fsct.predict import predict_batch, support_prototypes
+    from fsct.predict import learned_masks, predict_batch, support_prototypes
 
     if args.slices < 1 or args.warmup < 0:
         raise FsctError(f"--slices {args.slices} / --warmup {args.warmup}: need slices >= 1 and warmup >= 0")
@@ -537,33 +539,48 @@ def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
     bs = cfg.predict.batch_size
     batches = [np.ascontiguousarray(queries.images[order[i:i + bs]]) for i in range(0, args.slices, bs)]
     dtype = {"no": None, "bf16": torch.bfloat16}[args.mixed_precision]
+    # A dense model predicting the learned partition needs no prototypes: `fsct predict` runs learned_masks.
+    learned = cfg.predict.mode == "partition" and cfg.predict.partition_split in ("learned", "boundary") \
+        and model.dense_head
 
-    def run_all(n_batches: int) -> float:
-        """Prototypes, then n batches; returns the prototype seconds."""
+    def run_all(n_batches: int, pcfg: PredictConfig) -> float:
+        """Prototypes (class models), then n batches; returns the prototype seconds."""
         t0 = time.perf_counter()
-        protos = support_prototypes(model, support, cfg.predict, dev)
+        if learned:
+            for b in batches[:n_batches]:
+                learned_masks(model, torch.from_numpy(b).to(dev), pcfg, cfg.data.image_size)
+            return 0.0
+        protos = support_prototypes(model, support, pcfg, dev)
         protos.protos = protos.protos.to(dev)
         sync(dev)
         proto_s = time.perf_counter() - t0
         for b in batches[:n_batches]:
-            predict_batch(model, protos, torch.from_numpy(b).to(dev), cfg.predict, cfg.data.image_size)
+            predict_batch(model, protos, torch.from_numpy(b).to(dev), pcfg, cfg.data.image_size)
         return proto_s
 
-    with autocast(dev, dtype):
-        for _ in range(args.warmup):
-            run_all(1)
-        reset_memory(dev)
-        sync(dev)
-        t0 = time.perf_counter()
-        proto_s = run_all(len(batches))
-        sync(dev)
-        seconds = time.perf_counter() - t0
-    extra = {"prototype_s": proto_s, "support_slices": len(support), "query_split": q_split,
-             "distinct_query_slices": len(queries), "batch_size": bs}
-    t = Timing("predict", args.slices, seconds, 1, None, peak_memory_gb(dev), extra)
-    row = t.summary(None, None, "slice")
-    for k in ("ratio_to_seed", "flops_per_slice", "tflops", "fraction_of_bf16_peak"):
-        row.pop(k)
+    # --compare-partition-ops: the learned partition's CPU path and its batched torch ops, in one run
+    variants = {"predict": cfg.predict}
+    if learned and args.compare_partition_ops:
+        variants = {f"predict_{ops}": replace(cfg.predict, partition_ops=ops) for ops in ("numpy", "torch")}
+    rows = {}
+    for name, pcfg in variants.items():
+        with autocast(dev, dtype):
+            for _ in range(args.warmup):
+                run_all(1, pcfg)
+            reset_memory(dev)
+            sync(dev)
+            t0 = time.perf_counter()
+            proto_s = run_all(len(batches), pcfg)
+            sync(dev)
+            seconds = time.perf_counter() - t0
+        extra = {"prototype_s": proto_s, "support_slices": 0 if learned else len(support), "query_split": q_split,
+                 "distinct_query_slices": len(queries), "batch_size": bs}
+        if learned:
+            extra["partition_ops"] = pcfg.partition_ops
+        row = Timing(name, args.slices, seconds, 1, None, peak_memory_gb(dev), extra).summary(None, None, "slice")
+        for k in ("ratio_to_seed", "flops_per_slice", "tflops", "fraction_of_bf16_peak"):
+            row.pop(k)
+        rows[name] = row
     return {
         "what": "fsct bench predict",
         **env,
@@ -572,8 +589,9 @@ def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
                      "image_size": cfg.data.image_size, "out_size": 512, "feature_dim": cfg.model.feature_dim,
                      "variant": cfg.model.variant, "channels_last": cfg.model.channels_last,
                      "precision": args.mixed_precision, "tta_flip": cfg.predict.tta_flip,
-                     "k_shot": cfg.predict.k_shot, "warmup": args.warmup},
-        "results": {"predict": row},
+                     "k_shot": cfg.predict.k_shot, "warmup": args.warmup,
+                     "mode": cfg.predict.mode, "partition_split": cfg.predict.partition_split},
+        "results": rows,
     }
 
 
@@ -609,6 +627,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed prototype + one-batch passes before")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                    help="autocast (`fsct predict` runs fp32 unless Accelerate is configured otherwise)")
+    p.add_argument("--compare-partition-ops", action="store_true",
+                   help="a dense model's learned partition: time predict.partition_ops numpy and torch")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("bench/predict.json"), help="JSON to write")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. predict.batch_size=32")

@@ -238,32 +238,76 @@ def basins(prob: torch.Tensor) -> torch.Tensor:
 
 
 def flood(seeds: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-    """A seeded watershed on the boundary map quantised to FLOOD_LEVELS levels: level by level, labels spread
-    over the cells at or under it until nothing more is reached; every cell ends labelled. On a CPU tensor,
-    scikit-image's priority-queue watershed floods the same quantised map (5.6 s -> ~0.06 s per 256x256
-    slice, docs/PERFORMANCE.md); the torch loop, one dilation per pass, is for GPUs, where passes are cheap.
-    The two differ only where two fronts meet within one level."""
+    """A seeded watershed on the boundary map quantised to FLOOD_LEVELS levels; every cell ends labelled. On a
+    CPU tensor scikit-image's priority-queue watershed floods it (~0.06 s per 256x256 slice); elsewhere
+    `flood_torch` replays the same flood in tensor passes, cell for cell.
+
+    scikit-image pops cells by (value, push order) and gives the seed cells one push order, so which seed
+    pops first would be up to its heap's internals. Each seed cell's value is therefore lowered to just under
+    its level, in raster order: the seeds of a level pop before the rest of it, in a defined order that the
+    torch flood reproduces."""
     if seeds.device.type == "cpu":
         from skimage.segmentation import watershed
 
-        q = torch.floor(prob * FLOOD_LEVELS).numpy()
-        return torch.from_numpy(np.stack([watershed(qi, si.astype(np.int64), connectivity=2)
-                                          for qi, si in zip(q, seeds.numpy(), strict=True)])).float()
+        q = torch.floor(prob * FLOOD_LEVELS).double().numpy()
+        out = []
+        for qi, si in zip(q, seeds.numpy(), strict=True):
+            marked = si > 0
+            n = int(marked.sum())
+            qi[marked] -= 1 - (np.arange(1, n + 1) / (n + 1))
+            out.append(watershed(qi, si.astype(np.int64), connectivity=2))
+        return torch.from_numpy(np.stack(out)).float()
     return flood_torch(seeds, prob)
 
 
+# scikit-image's neighbour order at connectivity 2: the edge neighbours, then the corners, each in raster order
+_FLOOD_STEPS = ((-1, 0), (0, -1), (0, 1), (1, 0), (-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
 def flood_torch(seeds: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-    """`flood` in torch ops, on any device."""
-    lab = seeds
-    for i in range(1, FLOOD_LEVELS + 1):
-        allowed = prob <= (i / FLOOD_LEVELS if i < FLOOD_LEVELS else float("inf"))
-        while True:
-            cand = torch.nn.functional.max_pool2d(lab[:, None], 3, 1, 1)[:, 0]
-            take = (lab == 0) & allowed & (cand > 0)
-            if not bool(take.any()):
-                break
-            lab = torch.where(take, cand, lab)
-    return lab
+    """`flood` in torch ops, on any device: the same labels as its CPU path.
+
+    The priority flood labels a cell when the first of its neighbours pops, and pops cells by (level, age),
+    age being the order of labelling (seed cells oldest, in raster order). Replayed level by level in rings:
+    the labelled, unpopped cells at or under the level pop together; each unlabelled neighbour takes the
+    label of the oldest of them (ties: the neighbour order); the new cells' ages follow (labeller's age,
+    neighbour order), as their pushes would; new cells at or under the level are the next ring. Each pass
+    touches only its ring's cells and their neighbours, so the whole flood costs ~8 index operations per
+    cell plus a few small kernels per pass (~1000 passes for a batch of slices)."""
+    b, h, w = seeds.shape
+    dev = seeds.device
+    q = torch.floor(prob * FLOOD_LEVELS).reshape(-1)
+    lab = seeds.reshape(-1).clone()
+    n = lab.numel()
+    age = torch.where(lab > 0, torch.arange(n, device=dev), n)  # seeds: raster order; ages of later cells > n
+    pushed = n
+    waiting = lab > 0  # labelled, not popped yet
+    best = torch.full((n,), 8 * 3 * n, dtype=torch.long, device=dev)  # per-pass scratch, restored after use
+    steps = torch.tensor(_FLOOD_STEPS, device=dev)
+    for level in range(FLOOD_LEVELS + 1):
+        ring = torch.nonzero(waiting & (q <= level))[:, 0]
+        while len(ring):
+            waiting[ring] = False
+            y, x = (ring // w) % h, ring % w
+            ny, nx = y[:, None] + steps[:, 0], x[:, None] + steps[:, 1]  # (R, 8)
+            nb = ring[:, None] + steps[:, 0] * w + steps[:, 1]
+            key = age[ring][:, None] * 8 + torch.arange(8, device=dev)  # (labeller's age, neighbour order)
+            src = lab[ring][:, None].expand(-1, 8)
+            ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+            nb, key, src = nb[ok], key[ok], src[ok]
+            free = lab[nb] == 0
+            nb, key, src = nb[free], key[free], src[free]
+            best.scatter_reduce_(0, nb, key, "amin")
+            won = key == best[nb]  # keys are unique: one winner per cell
+            cells, key = nb[won], key[won]
+            best[cells] = 8 * 3 * n
+            lab[cells] = src[won]
+            order = torch.argsort(key)
+            age[cells[order]] = pushed + torch.arange(len(cells), device=dev)
+            pushed += len(cells)
+            waiting[cells] = True
+            ring = cells[q[cells] <= level]
+    return lab.reshape(b, h, w)
 
 
 @dataclass
@@ -393,7 +437,14 @@ def learned_partition(boundary: torch.Tensor, cfg: PredictConfig, out_size: int 
 
     The map's watershed basins (every structure whose inside is lower than its rim gets one) are merged
     while their merge cost (pooled border, and embedding distance) stays under `boundary_threshold`: borders
-    follow the model, not intensity."""
+    follow the model, not intensity. With `partition_ops` torch (auto: on a GPU) the same partition comes
+    from batched tensor ops on the maps' device (fsct.partition_torch)."""
+    ops = cfg.partition_ops
+    if ops == "torch" or (ops == "auto" and boundary.device.type != "cpu"):
+        from fsct.partition_torch import learned_partition_torch
+
+        return learned_partition_torch(boundary, cfg.boundary_threshold, cfg.min_region, out_size, emb,
+                                       cfg.embedding_weight).cpu().numpy()
     return np.stack([hierarchy_partition(h, cfg.boundary_threshold, cfg.min_region, out_size)
                      for h in learned_hierarchies(boundary, emb, cfg.embedding_weight)])
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fsct.bench import Timing, bf16_peak_tflops
-from tests.conftest import SEED_BASELINE, fsct
+from tests.conftest import REPO, SEED_BASELINE, fsct
 
 TINY = ["data.image_size=64", "model.feature_dim=32", "episodes.n_way=2", "episodes.k_shot=1",
         "episodes.n_query=1", "episodes.episodes_per_step=2"]
@@ -79,6 +79,23 @@ def test_bench_predict_cpu(shards: Path, tmp_path: Path):
         assert positive(row[key]), (key, row[key])
     assert row["slices_per_s"] == pytest.approx(10 / row["seconds"])
     assert row["prototype_s"] < row["seconds"]  # the prototypes are part of the timed work
+
+
+def test_bench_predict_times_the_learned_partition_both_ways(shards: Path, tmp_path: Path):
+    """A dense model predicting the learned partition: no prototypes, one row per partition_ops."""
+    out = tmp_path / "predict.json"
+    r = fsct("bench", "predict", "--device", "cpu", "--config", str(REPO / "configs" / "partition_cpu.yaml"),
+             "--shards", str(shards), "--slices", "4", "--warmup", "0", "--compare-partition-ops", "--out", str(out),
+             "data.image_size=64", "model.feature_dim=16", "model.decoder_dim=16", "predict.batch_size=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["settings"]["partition_split"] == "learned"
+    rows = res["results"]
+    assert set(rows) == {"predict_numpy", "predict_torch"}
+    for ops, row in (("numpy", rows["predict_numpy"]), ("torch", rows["predict_torch"])):
+        assert row["partition_ops"] == ops and row["timed"] == 4 and row["prototype_s"] == 0
+        assert row["support_slices"] == 0 and positive(row["slices_per_s"])
+        assert row["slices_per_s"] == pytest.approx(4 / row["seconds"])
 
 
 def test_missing_seed_baseline_is_a_one_line_error(tmp_path: Path):
