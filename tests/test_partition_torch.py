@@ -129,3 +129,10 @@ def test_partition_ops_torch_is_the_cpu_partition():
     dev = learned_partition(prob, replace(cfg, partition_ops="torch"), 512, emb)
     assert all(len(np.unique(p)) > 3 for p in cpu)
     np.testing.assert_array_equal(dev, cpu)
+    # white noise: over a thousand basins a slice, no merges, so the 255-region cap decides
+    prob = torch.rand((2, 96, 96), generator=torch.Generator().manual_seed(0))
+    cfg = PredictConfig(boundary_threshold=0.0, min_region=1)
+    cpu = learned_partition(prob, replace(cfg, partition_ops="numpy"))
+    dev = learned_partition(prob, replace(cfg, partition_ops="torch"))
+    assert [len(np.unique(p)) for p in cpu] == [255, 254]
+    np.testing.assert_array_equal(dev, cpu)
