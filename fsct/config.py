@@ -141,7 +141,7 @@ class PredictConfig:
     # beside (1 - weight) x the pooled border's mean probability; 0 = the border alone
     embedding_weight: float = 0.0
     # learned: torch = batched tensor ops on the model's device (fsct/partition_torch.py); numpy = one slice
-    # at a time on the CPU, what validation scores; auto = torch on a GPU, numpy on a CPU (faster there)
+    # at a time on the CPU; the same partition either way; auto = torch on a GPU, numpy on a CPU (faster there)
     partition_ops: Literal["auto", "numpy", "torch"] = "auto"
     sp_scale: float = 30.0  # partition: Felzenszwalb scale of those superpixels (larger: fewer, bigger)
     glue_cosine: float = 0.0  # partition group: glue neighbour superpixels with embedding cosine >= this (0 off)

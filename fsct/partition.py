@@ -273,7 +273,7 @@ def flood_torch(seeds: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
     label of the oldest of them (ties: the neighbour order); the new cells' ages follow (labeller's age,
     neighbour order), as their pushes would; new cells at or under the level are the next ring. Each pass
     touches only its ring's cells and their neighbours, so the whole flood costs ~8 index operations per
-    cell plus a few small kernels per pass (~1000 passes for a batch of slices)."""
+    cell, plus a few small kernels and one host sync per ring."""
     b, h, w = seeds.shape
     dev = seeds.device
     q = torch.floor(prob * FLOOD_LEVELS).reshape(-1)
