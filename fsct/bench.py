@@ -512,7 +512,7 @@ def fresh_checkpoint(cfg: Config, folder: Path) -> Path:
 
 def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
     from fsct.data.pool import load_split, read_index
-    from fsct.predict import learned_masks, predict_batch, support_prototypes
+    from fsct.predict import learned_masks, model_draws_partition, predict_batch, support_prototypes
 
     if args.slices < 1 or args.warmup < 0:
         raise FsctError(f"--slices {args.slices} / --warmup {args.warmup}: need slices >= 1 and warmup >= 0")
@@ -540,8 +540,7 @@ def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
     batches = [np.ascontiguousarray(queries.images[order[i:i + bs]]) for i in range(0, args.slices, bs)]
     dtype = {"no": None, "bf16": torch.bfloat16}[args.mixed_precision]
     # A dense model predicting the learned partition needs no prototypes: `fsct predict` runs learned_masks.
-    learned = cfg.predict.mode == "partition" and cfg.predict.partition_split in ("learned", "boundary") \
-        and model.dense_head
+    learned = model_draws_partition(cfg.predict) and model.dense_head
 
     def run_all(n_batches: int, pcfg: PredictConfig) -> float:
         """Prototypes (class models), then n batches; returns the prototype seconds."""

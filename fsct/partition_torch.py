@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fsct.partition import FLOOD_LEVELS, MAX_ID, WORK_SIZE, flood_torch
+from fsct.partition import FLOOD_LEVELS, MAX_ID, WORK_SIZE, _work, flood_torch
 
 # Half of each neighbourhood: the other half is the same pairs seen from the other cell.
 _HALF_NEIGHBOURS = {8: [(0, 1), (1, 0), (1, 1), (1, -1)], 4: [(0, 1), (1, 0)]}
@@ -133,8 +133,9 @@ def merge_below(units: torch.Tensor, prob: torch.Tensor, threshold: float, emb: 
     slice_of = torch.arange(n, device=ids.device) // stride
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=ids.device)
     while len(a):
-        cost = s / c
-        if vec is not None:  # merge_sequence's cost, operation for operation: near-ties fall the same way
+        if vec is None:
+            cost = s / c
+        else:  # merge_sequence's cost, operation for operation: near-ties fall the same way
             u, v = vec[a], vec[b]
             cos = (u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1) + 1e-12)
             cost = (1.0 - w) * s / c + w * (1.0 - cos)
@@ -243,12 +244,9 @@ def learned_partition_torch(boundary: torch.Tensor, threshold: float, min_region
                             emb: torch.Tensor | None = None, emb_weight: float = 0.0) -> torch.Tensor:
     """`fsct.partition.learned_partition` in batched torch ops on the maps' device: boundary probabilities
     (B,h,w) (+ embeddings (B,C,h',w')) -> partitions (B,out_size,out_size) uint8, ids 1..n per slice."""
-    def work(x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x.float(), size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False)
-
-    prob = work(boundary[:, None])[:, 0]
+    prob = _work(boundary.float()[:, None])[:, 0]
     units = flood_torch(basins_torch(prob), prob).long()
-    e = work(emb) if emb is not None and emb_weight > 0 else None
+    e = _work(emb.float()) if emb is not None and emb_weight > 0 else None
     part = partition_from_units(units, prob, threshold, min_region, e, emb_weight)
     if out_size != WORK_SIZE:
         part = F.interpolate(part[:, None].float(), size=(out_size, out_size), mode="nearest")[:, 0]

@@ -119,6 +119,11 @@ def dense_maps(model: PANet, images: torch.Tensor, tta_flip: bool, image_size: i
     return prob, emb
 
 
+def model_draws_partition(cfg: PredictConfig) -> bool:
+    """The partition comes from a dense model alone (`learned`, `boundary`): no support prototypes."""
+    return cfg.mode == "partition" and cfg.partition_split in ("learned", "boundary")
+
+
 def learned_masks(model: PANet, images: torch.Tensor, cfg: PredictConfig, image_size: int) -> np.ndarray:
     """A partition of uint8 (B,512,512) slices drawn from the model: `learned` (the watershed basins of its
     boundary map merged by their borders and embeddings) or `boundary` (CPU superpixels merged where the model
@@ -216,7 +221,7 @@ def _predict_locked(acc, checkpoint: Path, support: Path, images: Path, out: Pat
     if _part_done(part, queries.keys, fp):
         acc.print(f"rank {rank}: {part} already complete, skipped", flush=True)
     else:
-        learned = pcfg.mode == "partition" and pcfg.partition_split in ("learned", "boundary")
+        learned = model_draws_partition(pcfg)
         if learned and not model.dense_head:
             raise FsctError(f"{checkpoint}: predict.partition_split={pcfg.partition_split} needs a model "
                             "trained with model.decoder=unet")

@@ -6,8 +6,8 @@ basins and watershed, the greedy merge order in Python, one slice at a time) and
 
 DIR holds X_test/images and Y_test.csv (labelled test slices). Prints, per threshold: how many slices get the
 identical partition when both paths merge the same units (the CPU flood's), the official score of each
-path end to end and the ARI between them (the two floods differ where fronts meet within a level); then
-ms per slice of each path on --device (maps excluded, batches of --batch).
+path end to end and the ARI between their partitions (1 where they agree); then ms per slice of each path
+on --device (maps excluded, batches of --batch) and of the torch path's stages.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from threshold_sweep import test_slices  # noqa: E402
 
+from fsct.bench import sync  # noqa: E402
 from fsct.checkpoint import load_model  # noqa: E402
 from fsct.metrics import official_score_slice  # noqa: E402
 from fsct.partition import (  # noqa: E402
@@ -41,12 +42,10 @@ from fsct.predict import dense_maps  # noqa: E402
 
 
 def timed(fn, dev: torch.device) -> tuple[object, float]:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    sync(dev)
     t0 = time.perf_counter()
     out = fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    sync(dev)
     return out, time.perf_counter() - t0
 
 
