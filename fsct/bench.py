@@ -526,21 +526,21 @@ def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
             ckpt = args.checkpoint
         model, cfg = load_model(ckpt, args.overrides)
         model.to(dev)
+        # A dense model predicting the learned partition needs no prototypes: `fsct predict` runs learned_masks.
+        learned = model_draws_partition(cfg.predict) and model.dense_head
         if args.shards is not None:
             shards = args.shards
         else:
             shards = synthetic_shards(Path(tmp), cfg, per_class=cfg.predict.k_shot)
         splits = read_index(shards)["splits"]
         q_split = args.images_split if args.images_split in splits else cfg.data.train_split
-        support = load_split(shards, args.support_split, size=cfg.data.image_size)
+        support = None if learned else load_split(shards, args.support_split, size=cfg.data.image_size)
         queries = load_split(shards, q_split)  # full size: what `fsct predict` reads
     # More slices than the split holds: the same ones again (speed does not depend on which).
     order = np.arange(args.slices) % len(queries)
     bs = cfg.predict.batch_size
     batches = [np.ascontiguousarray(queries.images[order[i:i + bs]]) for i in range(0, args.slices, bs)]
     dtype = {"no": None, "bf16": torch.bfloat16}[args.mixed_precision]
-    # A dense model predicting the learned partition needs no prototypes: `fsct predict` runs learned_masks.
-    learned = model_draws_partition(cfg.predict) and model.dense_head
 
     def run_all(n_batches: int, pcfg: PredictConfig) -> float:
         """Prototypes (class models), then n batches; returns the prototype seconds."""

@@ -414,13 +414,17 @@ def _work(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False)
 
 
+def min_cells(min_region: int, size: int) -> int:
+    """`min_region` (pixels of a 512x512 slice) in cells of a size x size grid, at least 1."""
+    return max(1, round(min_region * (size / 512) ** 2))
+
+
 def hierarchy_partition(h: Hierarchy, threshold: float, min_region: int, out_size: int = 512) -> np.ndarray:
     """One slice's partition at a threshold: merged units, regions under `min_region` pixels (at 512x512)
     joined to their longest-border neighbour, at most 255 -> uint8 (out_size, out_size), ids 1..n (0 where
     the units have none)."""
     regions, _ = components(cut(h.units, h.merges, threshold))
-    min_cells = max(1, round(min_region * (regions.shape[-1] / 512) ** 2))
-    regions = _cap(merge_small(regions, min_cells), MAX_ID)
+    regions = _cap(merge_small(regions, min_cells(min_region, regions.shape[-1])), MAX_ID)
     _, compact = np.unique(regions, return_inverse=True)
     part = (compact.reshape(regions.shape) + (regions.min() > 0)).astype(np.uint8)
     if part.shape[-1] == out_size:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fsct.partition import FLOOD_LEVELS, MAX_ID, WORK_SIZE, _work, flood_torch
+from fsct.partition import FLOOD_LEVELS, MAX_ID, WORK_SIZE, _work, flood_torch, min_cells
 
 # Half of each neighbourhood: the other half is the same pairs seen from the other cell.
 _HALF_NEIGHBOURS = {8: [(0, 1), (1, 0), (1, 1), (1, -1)], 4: [(0, 1), (1, 0)]}
@@ -236,8 +236,7 @@ def partition_from_units(units: torch.Tensor, prob: torch.Tensor, threshold: flo
     merged = merge_below(units, prob, threshold, emb, emb_weight)
     # 4-connected pieces (a basin is only 8-connected), numbered in raster order, as `components` numbers them
     regions = compact(label_components(merged, units > 0, connectivity=4))
-    min_cells = max(1, round(min_region * (units.shape[-1] / 512) ** 2))
-    return compact(cap_torch(merge_small_torch(regions, min_cells), MAX_ID))
+    return compact(cap_torch(merge_small_torch(regions, min_cells(min_region, units.shape[-1])), MAX_ID))
 
 
 def learned_partition_torch(boundary: torch.Tensor, threshold: float, min_region: int, out_size: int = 512,
