@@ -110,6 +110,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     val_slices: int = 8  # dense models: val slices partitioned and scored on the official metric (val/ari_fg)
     tune_threshold: bool = True  # dense models: predict.boundary_threshold chosen on val, saved with the model
+    # dense models: predict.min_regions = the median number of structures (>= predict.min_region pixels) of
+    # a labelled train slice (the shards' index), saved with the model
+    region_floor: bool = True
     # W&B panel of query predictions at the first validation at least this many steps after the last; 0 = never
     image_every: int = 100
     tracker: Literal["none", "wandb", "tensorboard", "mlflow"] = "none"  # accelerate's log_with
@@ -140,6 +143,9 @@ class PredictConfig:
     # learned: weight of the embedding distance (1 - cosine of two regions' mean embeddings) in the merge cost,
     # beside (1 - weight) x the pooled border's mean probability; 0 = the border alone
     embedding_weight: float = 0.0
+    # boundary/learned: a slice cut into fewer regions than this is cut again at the next lower threshold of
+    # fsct.threshold.GRID, until it has as many (0 = no floor). Training sets it (train.region_floor).
+    min_regions: int = 0
     # learned: torch = batched tensor ops on the model's device (fsct/partition_torch.py); numpy = one slice
     # at a time on the CPU; the same partition either way; auto = torch on a GPU, numpy on a CPU (faster there)
     partition_ops: Literal["auto", "numpy", "torch"] = "auto"
@@ -324,6 +330,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "predict.min_region": (lambda v: v >= 0, ">= 0"),
     "predict.sp_scale": (lambda v: v > 0, "> 0"),
     "predict.boundary_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "predict.min_regions": (lambda v: 0 <= v <= 255, "in [0, 255] (0: no floor)"),
     "model.decoder_dim": (lambda v: v >= 1, ">= 1"),
     "model.boundary_weight": (lambda v: v >= 0, ">= 0"),
     "augment.sharpness": (lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -17,6 +17,7 @@ is an ARI over the truth's foreground: only which pixels are grouped together co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -434,6 +435,23 @@ def hierarchy_partition(h: Hierarchy, threshold: float, min_region: int, out_siz
     return up[0, 0].to(torch.uint8).numpy()
 
 
+def floored(cut_at: Callable[[float], np.ndarray], threshold: float, min_regions: int) -> np.ndarray:
+    """`cut_at(threshold)` (a partition, ids 1..n), or where it has fewer than `min_regions` regions, the first
+    partition of the grid's lower thresholds (`fsct.threshold.ladder`) that has as many, else the lowest's.
+
+    Past a model's best threshold the score falls off a cliff: large structures merge within a step or two
+    of the grid, and a threshold chosen on a few val slices of one body level lands past the cliff on other
+    levels (docs/RESULTS.md). A slice cut into fewer regions than a labelled slice has structures has merged
+    structures for sure, so the floor stops it there; splitting costs the score far less than merging."""
+    from fsct.threshold import ladder
+
+    for t in ladder(threshold, min_regions):
+        part = cut_at(t)
+        if int(part.max()) >= min_regions:
+            return part
+    return part
+
+
 def learned_partition(boundary: torch.Tensor, cfg: PredictConfig, out_size: int = 512,
                       emb: torch.Tensor | None = None) -> np.ndarray:
     """Boundary probabilities (B,h,w) (+ embeddings (B,C,h,w) for cfg.embedding_weight > 0) -> partitions
@@ -448,9 +466,15 @@ def learned_partition(boundary: torch.Tensor, cfg: PredictConfig, out_size: int 
         from fsct.partition_torch import learned_partition_torch
 
         return learned_partition_torch(boundary, cfg.boundary_threshold, cfg.min_region, out_size, emb,
-                                       cfg.embedding_weight).cpu().numpy()
-    return np.stack([hierarchy_partition(h, cfg.boundary_threshold, cfg.min_region, out_size)
+                                       cfg.embedding_weight, cfg.min_regions).cpu().numpy()
+    return np.stack([floored_hierarchy_partition(h, cfg, out_size)
                      for h in learned_hierarchies(boundary, emb, cfg.embedding_weight)])
+
+
+def floored_hierarchy_partition(h: Hierarchy, cfg: PredictConfig, out_size: int) -> np.ndarray:
+    """`hierarchy_partition` at cfg.boundary_threshold under the cfg.min_regions floor (`floored`)."""
+    return floored(lambda t: hierarchy_partition(h, t, cfg.min_region, out_size), cfg.boundary_threshold,
+                   cfg.min_regions)
 
 
 def border_strength(sp: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -485,5 +509,4 @@ def boundary_hierarchy(image: np.ndarray, prob: np.ndarray, cfg: PredictConfig) 
 
 def boundary_merge_slice(image: np.ndarray, prob: np.ndarray, cfg: PredictConfig) -> np.ndarray:
     """The `boundary` partition at cfg.boundary_threshold -> uint8, the image's size, 0 outside the body."""
-    return hierarchy_partition(boundary_hierarchy(image, prob, cfg), cfg.boundary_threshold, cfg.min_region,
-                               image.shape[-1])
+    return floored_hierarchy_partition(boundary_hierarchy(image, prob, cfg), cfg, image.shape[-1])

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fsct.partition import FLOOD_LEVELS, MAX_ID, WORK_SIZE, _work, flood_torch, min_cells
+from fsct.threshold import ladder
 
 # Half of each neighbourhood: the other half is the same pairs seen from the other cell.
 _HALF_NEIGHBOURS = {8: [(0, 1), (1, 0), (1, 1), (1, -1)], 4: [(0, 1), (1, 0)]}
@@ -240,13 +241,21 @@ def partition_from_units(units: torch.Tensor, prob: torch.Tensor, threshold: flo
 
 
 def learned_partition_torch(boundary: torch.Tensor, threshold: float, min_region: int, out_size: int = 512,
-                            emb: torch.Tensor | None = None, emb_weight: float = 0.0) -> torch.Tensor:
+                            emb: torch.Tensor | None = None, emb_weight: float = 0.0,
+                            min_regions: int = 0) -> torch.Tensor:
     """`fsct.partition.learned_partition` in batched torch ops on the maps' device: boundary probabilities
     (B,h,w) (+ embeddings (B,C,h',w')) -> partitions (B,out_size,out_size) uint8, ids 1..n per slice."""
     prob = _work(boundary.float()[:, None])[:, 0]
     units = flood_torch(basins_torch(prob), prob).long()
     e = _work(emb.float()) if emb is not None and emb_weight > 0 else None
     part = partition_from_units(units, prob, threshold, min_region, e, emb_weight)
+    # `fsct.partition.floored`: only the slices under the floor are cut again, one lower threshold at a time
+    for t in ladder(threshold, min_regions)[1:]:
+        low = torch.nonzero(part.flatten(1).amax(1) < min_regions)[:, 0]
+        if len(low) == 0:
+            break
+        part[low] = partition_from_units(units[low], prob[low], t, min_region, None if e is None else e[low],
+                                         emb_weight)
     if out_size != WORK_SIZE:
         part = F.interpolate(part[:, None].float(), size=(out_size, out_size), mode="nearest")[:, 0]
     return part.to(torch.uint8)

@@ -18,12 +18,20 @@ from fsct.metrics import official_score_slice
 GRID = tuple(round(0.05 + 0.025 * i, 3) for i in range(27))
 
 
+def ladder(threshold: float, min_regions: int) -> tuple[float, ...]:
+    """The thresholds a slice is cut at in turn under a region floor (`fsct.partition.floored`): the threshold,
+    then every lower one of the grid, highest first; the threshold alone without a floor."""
+    if min_regions <= 0:
+        return (threshold,)
+    return (threshold, *(t for t in reversed(GRID) if t < threshold))
+
+
 def threshold_scores(prob: torch.Tensor, images: np.ndarray, truths: np.ndarray, cfg: PredictConfig,
                      thresholds: tuple[float, ...], emb: torch.Tensor | None = None) -> np.ndarray:
     """Boundary probabilities (N,h,w), uint8 slices and true label maps (N,H,W) (+ the embeddings (N,C,h,w)
     `learned` merges by when cfg.embedding_weight > 0) -> official scores (T, N) of the configured partition
     (`learned` or `boundary`) at each threshold, at the truth's size."""
-    from fsct.partition import boundary_hierarchy, hierarchy_partition, learned_hierarchies
+    from fsct.partition import boundary_hierarchy, floored, hierarchy_partition, learned_hierarchies
 
     size = truths.shape[-1]
     # One agglomeration per slice serves every threshold (each is a prefix of its merges).
@@ -34,7 +42,23 @@ def threshold_scores(prob: torch.Tensor, images: np.ndarray, truths: np.ndarray,
                                                align_corners=False)[:, 0].cpu().numpy()
         hier = [boundary_hierarchy(im, p, cfg) for im, p in zip(images, full, strict=True)]
     scores = np.zeros((len(thresholds), len(images)))
-    for i, t in enumerate(thresholds):
-        scores[i] = [official_score_slice(tr, hierarchy_partition(h, t, cfg.min_region, size))
-                     for tr, h in zip(truths, hier, strict=True)]
+    for j, (tr, h) in enumerate(zip(truths, hier, strict=True)):
+        # under a floor, threshold t may fall back to lower ones of the grid: each is cut once per slice
+        cuts: dict[float, np.ndarray] = {}
+
+        def cut_at(t: float, h=h, cuts=cuts) -> np.ndarray:
+            if t not in cuts:
+                cuts[t] = hierarchy_partition(h, t, cfg.min_region, size)
+            return cuts[t]
+
+        scores[:, j] = [official_score_slice(tr, floored(cut_at, t, cfg.min_regions)) for t in thresholds]
     return scores
+
+
+def region_floor(index: dict, split: str, min_region: int) -> int:
+    """The median number of structures (labels of >= `min_region` pixels) of a slice of a shard set's labelled
+    split, from its index.json (0 where the split has no labelled slice): `predict.min_regions` for a model
+    trained on it. The challenge's slices carry about 18 structures; realct-mini's 15-29."""
+    samples = index["splits"].get(split, {}).get("samples", {}).values()
+    counts = [sum(n >= min_region for n in s["classes"].values()) for s in samples if s["classes"]]
+    return int(np.median(counts)) if counts else 0

@@ -91,6 +91,7 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
     from accelerate.utils import set_seed
 
     launch.prepare_launch(torch.cuda.is_available())
+    set_region_floor(cfg)
     run = start_run(cfg)
     set_seed(cfg.train.seed)  # same init on every rank
     data = load_train_data(cfg, run.rank, run.world)
@@ -139,6 +140,16 @@ class Run:
     @property
     def world(self) -> int:
         return self.acc.num_processes
+
+
+def set_region_floor(cfg: Config) -> None:
+    """A dense model's partition floor (predict.min_regions) from its training labels, before config.yaml is
+    written: it travels with the model as the tuned threshold does."""
+    from fsct.threshold import region_floor
+
+    if cfg.model.decoder == "unet" and cfg.train.region_floor:
+        index = read_index(Path(cfg.data.shards))
+        cfg.predict.min_regions = region_floor(index, cfg.data.train_split, cfg.predict.min_region)
 
 
 def start_run(cfg: Config) -> Run:

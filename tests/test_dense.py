@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch import nn
 
 from fsct.config import AugmentConfig, ModelConfig, PredictConfig, load_config
 from fsct.data.augment import _sharpen, augment_batch
+from fsct.data.pool import load_split
 from fsct.errors import FsctError
 from fsct.model.backbones import EfficientNetLite0, build_encoder
 from fsct.model.panet import PANet, boundary_target
@@ -29,7 +31,7 @@ from fsct.partition import (
     merge_sequence,
 )
 from fsct.submission import read_submission
-from fsct.threshold import GRID, threshold_scores
+from fsct.threshold import GRID, region_floor, threshold_scores
 from tests.conftest import REPO, fsct
 
 
@@ -282,6 +284,10 @@ def test_partition_recipe_trains_validates_and_predicts(shards: Path, tmp_path: 
     saved = load_config(run / "config.yaml")
     assert val[-1]["val/boundary_threshold"] in GRID
     assert saved.predict.boundary_threshold == val[-1]["val/boundary_threshold"]
+    # so does the region floor: the median structure count of a labelled train slice, read back from the shards
+    masks = load_split(shards, "train").masks
+    counts = [sum(n >= saved.predict.min_region for n in np.bincount(m.ravel())[1:]) for m in masks]
+    assert saved.predict.min_regions == int(np.median(counts)) >= 2
     subs = []
     for name in ("a.csv", "b.csv"):  # the recipe's own predict settings: the learned partition
         r = fsct("predict", "--checkpoint", str(run), "--support", str(shards), "--images", str(shards),
@@ -380,6 +386,41 @@ def test_threshold_scores_find_the_threshold_that_separates():
     assert scores.shape == (3, 1)
     assert scores[1, 0] == pytest.approx(1.0) and scores[2, 0] == pytest.approx(0.0)
     assert scores[0, 0] < 1.0  # under the weak ridge's 0.4 each half stays cut in two
+
+
+def test_region_floor_steps_the_threshold_down_until_a_slice_has_enough_regions():
+    """Quadrants apart by a strong border (top | bottom) and weaker ones (left | right): a threshold over every
+    border gives one region; the floor falls back down the grid to the highest threshold with enough."""
+    prob = torch.full((1, 64, 64), 0.05)
+    prob[0, 31:33, :] = 0.55
+    prob[0, :, 31:33] = 0.3
+    cfg = PredictConfig(partition_split="learned", boundary_threshold=0.7, min_region=64)
+    regions = {}
+    for floor in (0, 1, 2, 3, 4, 9):
+        part = learned_partition(prob, replace(cfg, min_regions=floor))[0]
+        regions[floor] = len(np.unique(part))
+        torch_part = learned_partition(prob, replace(cfg, min_regions=floor, partition_ops="torch"))[0]
+        np.testing.assert_array_equal(torch_part, part)
+    # 3 regions are never a cut of these borders; 9 are never there: the grid's lowest threshold cuts 4
+    assert regions == {0: 1, 1: 1, 2: 2, 3: 4, 4: 4, 9: 4}
+    top = learned_partition(prob, replace(cfg, min_regions=2))[0]
+    assert top[0, 0] == top[0, 511] != top[511, 0] == top[511, 511]
+    # the threshold scores of validation see the same fallback, so val chooses among the floored partitions
+    truth = np.zeros((1, 64, 64), np.uint8)
+    truth[0, :32], truth[0, 32:] = 1, 2
+    scores = threshold_scores(prob, np.zeros((1, 64, 64), np.uint8), truth, replace(cfg, min_regions=2), (0.2, 0.7))
+    assert scores[0, 0] < scores[1, 0] == pytest.approx(1.0)
+    assert threshold_scores(prob, np.zeros((1, 64, 64), np.uint8), truth, cfg, (0.7,))[0, 0] == pytest.approx(0.0)
+
+
+def test_region_floor_is_the_median_structure_count_of_the_train_split(shards: Path):
+    index = json.loads((shards / "index.json").read_text())
+    masks = load_split(shards, "train").masks
+    for min_region in (1, 2000):
+        counts = [sum(n >= min_region for n in np.bincount(m.ravel())[1:]) for m in masks]
+        assert region_floor(index, "train", min_region) == int(np.median(counts))
+    assert region_floor(index, "train", 1) > region_floor(index, "train", 2000)
+    assert region_floor(index, "no-such-split", 64) == 0
 
 
 def test_sharpness_augmentation():

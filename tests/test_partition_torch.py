@@ -129,6 +129,12 @@ def test_partition_ops_torch_is_the_cpu_partition():
     dev = learned_partition(prob, replace(cfg, partition_ops="torch"), 512, emb)
     assert all(len(np.unique(p)) > 3 for p in cpu)
     np.testing.assert_array_equal(dev, cpu)
+    # a region floor some slices are under: only those are cut again, down the grid, on both paths
+    floor = int(np.median([p.max() for p in cpu])) + 1
+    cpu_floor = learned_partition(prob, replace(cfg, partition_ops="numpy", min_regions=floor), 512, emb)
+    dev_floor = learned_partition(prob, replace(cfg, partition_ops="torch", min_regions=floor), 512, emb)
+    assert all(p.max() >= floor for p in cpu_floor) and not np.array_equal(cpu_floor, cpu)
+    np.testing.assert_array_equal(dev_floor, cpu_floor)
     # white noise: over a thousand basins a slice, no merges, so the 255-region cap decides
     prob = torch.rand((2, 96, 96), generator=torch.Generator().manual_seed(0))
     cfg = PredictConfig(boundary_threshold=0.0, min_region=1)

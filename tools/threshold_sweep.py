@@ -5,6 +5,7 @@ on val slices of a shard set (what training chooses the threshold on) or on a la
   python tools/threshold_sweep.py --model RUN_OR_MODEL_DIR --data DIR        # DIR/X_test/images + Y_test.csv
   python tools/threshold_sweep.py --model M --shards SHARDS --data DIR       # val's choice, scored on test
   ... predict.partition_split=learned                                          # predict overrides
+  ... predict.min_regions=N             # a region floor (fsct.partition.floored); it prints the shards' own
 
 Shows how many val slices a stable choice needs and whether the choice on val carries to test; --per-slice
 prints each slice's own best threshold.
@@ -22,9 +23,9 @@ import torch
 from fsct.checkpoint import load_model
 from fsct.data.challenge import list_images, read_image, read_labels
 from fsct.data.episodes import PoolTensors
-from fsct.data.pool import load_split
+from fsct.data.pool import load_split, read_index
 from fsct.predict import dense_maps
-from fsct.threshold import GRID, threshold_scores
+from fsct.threshold import GRID, region_floor, threshold_scores
 
 
 def val_slices(shards: Path, split: str, n: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -68,7 +69,11 @@ def main() -> None:
         sets["val"] = val_slices(a.shards, a.split or cfg.data.val_split, a.slices)
     if a.data:
         sets["test"] = test_slices(a.data, a.slices)
-    print(f"partition_split={cfg.predict.partition_split}; saved threshold {cfg.predict.boundary_threshold}")
+    print(f"partition_split={cfg.predict.partition_split}; saved threshold {cfg.predict.boundary_threshold}; "
+          f"region floor (predict.min_regions) {cfg.predict.min_regions}")
+    if a.shards:  # what training on these shards sets the floor to (models trained before it have 0)
+        floor = region_floor(read_index(a.shards), cfg.data.train_split, cfg.predict.min_region)
+        print(f"{a.shards}: region floor of its {cfg.data.train_split} split: {floor}")
     curves = {}
     for name, (images, truth) in sets.items():
         scores = sweep(model, cfg, images, truth)
