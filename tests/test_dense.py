@@ -401,7 +401,8 @@ def test_region_floor_steps_the_threshold_down_until_a_slice_has_enough_regions(
         regions[floor] = len(np.unique(part))
         torch_part = learned_partition(prob, replace(cfg, min_regions=floor, partition_ops="torch"))[0]
         np.testing.assert_array_equal(torch_part, part)
-    # 3 regions are never a cut of these borders; 9 are never there: the grid's lowest threshold cuts 4
+    # no cut of these borders has 3 regions, so floor 3 falls to the quadrants; none has 9, so floor 9 ends at
+    # the grid's lowest threshold: the quadrants too
     assert regions == {0: 1, 1: 1, 2: 2, 3: 4, 4: 4, 9: 4}
     top = learned_partition(prob, replace(cfg, min_regions=2))[0]
     assert top[0, 0] == top[0, 511] != top[511, 0] == top[511, 511]
