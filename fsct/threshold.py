@@ -5,6 +5,8 @@ choosing it on the run's own val slices does, and the choice travels in the mode
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -44,13 +46,7 @@ def threshold_scores(prob: torch.Tensor, images: np.ndarray, truths: np.ndarray,
     scores = np.zeros((len(thresholds), len(images)))
     for j, (tr, h) in enumerate(zip(truths, hier, strict=True)):
         # under a floor, threshold t may fall back to lower ones of the grid: each is cut once per slice
-        cuts: dict[float, np.ndarray] = {}
-
-        def cut_at(t: float, h=h, cuts=cuts) -> np.ndarray:
-            if t not in cuts:
-                cuts[t] = hierarchy_partition(h, t, cfg.min_region, size)
-            return cuts[t]
-
+        cut_at = functools.cache(functools.partial(hierarchy_partition, h, min_region=cfg.min_region, out_size=size))
         scores[:, j] = [official_score_slice(tr, floored(cut_at, t, cfg.min_regions)) for t in thresholds]
     return scores
 
