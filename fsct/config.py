@@ -89,6 +89,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
+    # the encoder's learning rate as a fraction of lr (1 = one rate for all): below 1, a pretrained encoder
+    # keeps more of its natural-image features while the decoder and heads learn at the full rate
+    encoder_lr_mult: float = 1.0
     grad_accum: int = 1
     grad_clip: float = 1.0
     fused: bool = True  # fused AdamW where the device supports it
@@ -314,6 +317,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
     "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.encoder_lr_mult": (lambda v: 0 <= v <= 1, "in [0, 1] (0: a frozen encoder)"),
     "optim.grad_accum": (lambda v: v >= 1, ">= 1"),
     "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
     "train.max_steps": (lambda v: v >= 1, ">= 1"),

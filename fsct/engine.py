@@ -41,9 +41,17 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: Config, dev: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused where the device supports it (one kernel for all parameters)."""
+    """AdamW, fused where the device supports it (one kernel for all parameters). With `optim.encoder_lr_mult`
+    below 1, two parameter groups, the encoder's and the rest, each scaled by its `lr_mult` in `train_step`
+    (one group otherwise, so checkpoints of either kind resume into the optimizer they were saved from)."""
     o = cfg.optim
-    return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
+    params: list = list(model.parameters())
+    encoder = getattr(model, "encoder", None)
+    if o.encoder_lr_mult != 1.0 and encoder is not None:
+        enc = {id(p) for p in encoder.parameters()}
+        params = [{"params": [p for p in params if id(p) in enc], "lr_mult": o.encoder_lr_mult},
+                  {"params": [p for p in params if id(p) not in enc], "lr_mult": 1.0}]
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
                              fused=o.fused and dev.type == "cuda")
 
 
@@ -61,7 +69,7 @@ def train_step(acc: Any, model: nn.Module, opt: torch.optim.Optimizer, next_batc
     `acc.prepare`. The loss is computed inside forward (q_lbl given), so DDP's gradient hooks see it all."""
     lr = lr_at(step, cfg)
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
     terms: dict[str, torch.Tensor] = {}
     grad_norm = None
     for _ in range(cfg.optim.grad_accum):

@@ -67,6 +67,32 @@ def test_dense_shapes_and_every_parameter_learns(encoder: str):
         assert not missing, missing  # DDP would fail on parameters without gradients
 
 
+@pytest.mark.parametrize("mult", [0.0, 0.1])
+def test_encoder_lr_mult_scales_the_encoders_steps_only(mult: float):
+    from accelerate import Accelerator
+
+    from fsct.config import Config
+    from fsct.data.episodes import Batch
+    from fsct.engine import make_optimizer, train_step
+
+    cfg = Config(model=dense_cfg(encoder="efficientnet_lite0"))
+    cfg.optim.encoder_lr_mult, cfg.optim.warmup_steps, cfg.optim.grad_clip = mult, 0, 0.0
+    model = PANet(cfg.model)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    assert [g["lr_mult"] for g in opt.param_groups] == [mult, 1.0]
+    s_img, s_lbl, q_img, q_lbl, n_way, raw = episode()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(Accelerator(cpu=True), model, opt, lambda: Batch(s_img, s_lbl, q_img, q_lbl, n_way, raw), 10, cfg)
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    enc = [moved[n] for n in moved if n.startswith("encoder.")]
+    rest = [moved[n] for n in moved if not n.startswith("encoder.")]
+    assert max(rest) > 0
+    if mult == 0:
+        assert max(enc) == 0  # a frozen encoder: no step, no weight decay
+    else:  # Adam's first step moves each weight by about its lr: the encoder's a tenth of the rest's
+        assert 0 < max(enc) < 0.2 * max(rest)
+
+
 def test_decoder_none_is_todays_panet_and_seed_refuses_a_decoder():
     assert not hasattr(PANet(ModelConfig(feature_dim=16)), "decoder")
     assert PANet(ModelConfig(feature_dim=16)).features(torch.randn(1, 1, 64, 64)).shape == (1, 16, 8, 8)
