@@ -55,6 +55,8 @@ def region_floor(index: dict, split: str, min_region: int) -> int:
     """The median number of structures (labels of >= `min_region` pixels) of a slice of a shard set's labelled
     split, from its index.json (0 where the split has no labelled slice): `predict.min_regions` for a model
     trained on it. The challenge's slices carry about 18 structures; realct-mini's 15-29."""
+    from fsct.data.episodes import usable_ways
+
     samples = index["splits"].get(split, {}).get("samples", {}).values()
-    counts = [sum(n >= min_region for n in s["classes"].values()) for s in samples if s["classes"]]
+    counts = [len(usable_ways(s["classes"], min_region)) for s in samples if s["classes"]]
     return int(np.median(counts)) if counts else 0

@@ -311,9 +311,7 @@ def test_partition_recipe_trains_validates_and_predicts(shards: Path, tmp_path: 
     assert val[-1]["val/boundary_threshold"] in GRID
     assert saved.predict.boundary_threshold == val[-1]["val/boundary_threshold"]
     # so does the region floor: the median structure count of a labelled train slice, read back from the shards
-    masks = load_split(shards, "train").masks
-    counts = [sum(n >= saved.predict.min_region for n in np.bincount(m.ravel())[1:]) for m in masks]
-    assert saved.predict.min_regions == int(np.median(counts)) >= 2
+    assert saved.predict.min_regions == median_structures(shards, saved.predict.min_region) >= 2
     subs = []
     for name in ("a.csv", "b.csv"):  # the recipe's own predict settings: the learned partition
         r = fsct("predict", "--checkpoint", str(run), "--support", str(shards), "--images", str(shards),
@@ -440,12 +438,16 @@ def test_region_floor_steps_the_threshold_down_until_a_slice_has_enough_regions(
     assert threshold_scores(prob, np.zeros((1, 64, 64), np.uint8), truth, cfg, (0.7,))[0, 0] == pytest.approx(0.0)
 
 
+def median_structures(shards: Path, min_region: int) -> int:
+    """The median number of labels of >= min_region pixels of a train slice, from the masks in the shards."""
+    masks = load_split(shards, "train").masks
+    return int(np.median([sum(n >= min_region for n in np.bincount(m.ravel())[1:]) for m in masks]))
+
+
 def test_region_floor_is_the_median_structure_count_of_the_train_split(shards: Path):
     index = json.loads((shards / "index.json").read_text())
-    masks = load_split(shards, "train").masks
     for min_region in (1, 2000):
-        counts = [sum(n >= min_region for n in np.bincount(m.ravel())[1:]) for m in masks]
-        assert region_floor(index, "train", min_region) == int(np.median(counts))
+        assert region_floor(index, "train", min_region) == median_structures(shards, min_region)
     assert region_floor(index, "train", 1) > region_floor(index, "train", 2000)
     assert region_floor(index, "no-such-split", 64) == 0
 
