@@ -244,6 +244,7 @@ def test_4_5_6_train_refuses_a_finished_run_and_resume_falls_back(shards: Path, 
     assert metric_steps(out) == [1, 2, 3]
     a, b = (json.loads((d / "rank0.json").read_text()) for d in (out, ref))
     assert a["episodes_digest"] == b["episodes_digest"] and a["state"] == b["state"]
+    assert (a["device"], a["torch_threads"]) == ("cpu", 1)  # fsct_env's OMP_NUM_THREADS=1
     assert not list((out / "checkpoints").glob(".*"))
 
     # 5: no loadable checkpoint at all, and an explicit damaged one: one line each, naming it
