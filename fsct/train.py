@@ -289,7 +289,7 @@ def finish(run: Run, model: nn.Module, state: TrainerState, data: TrainSource, a
         "episodes": state.step * cfg.optim.grad_accum * cfg.episodes.episodes_per_step,
         "episodes_digest": audit.digest[:16], "peak_rss_mb": peak_rss_mb(),
         # the same seed gives the same weights only on the same device with the same thread count: CPU
-        # kernels sum in an order set by their threads (docs/RESULTS.md: enough to move a score by 0.1)
+        # kernels sum in an order set by their threads (docs/RESULTS.md: up to 0.15 in a checkpoint's score)
         "device": str(acc.device), "torch_threads": torch.get_num_threads()})
     if acc.is_main_process:
         (out / "PREEMPTED").unlink(missing_ok=True)
