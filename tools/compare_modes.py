@@ -4,7 +4,8 @@ what training and inference each bring. Every step is a `python -m fsct ...` sub
 
   python tools/compare_modes.py realct --src ../shared/data/realct-mini --out WORK/realct [--renumber-train]
       writes a challenge-layout set from realct-mini: train = labelled 0..n_train-1 + the unlabelled
-      slices, test = the other labelled slices (as X_test/images/0..m-1.png) with ids renumbered per slice
+      slices, test = the other labelled slices (as X_test/images/0..m-1.png) with ids renumbered per slice;
+      [--test-first] tests on the first block instead, [--drop 56.png ...] leaves slices out
   python tools/compare_modes.py run --data DIR --work WORK [--steps 500 --image-size 128 ...]
       DIR in the challenge layout with a Y_test.csv (e.g. from `fsct synth` or the command above);
       writes WORK/results.json and prints a markdown table of the official score
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fsct.data.challenge import list_images, read_labels, write_labels
+from fsct.errors import FsctError
 
 FSCT = [sys.executable, "-m", "fsct"]
 SYSTEMS = {
@@ -52,10 +54,13 @@ def renumber(mask: np.ndarray, rng: np.random.Generator, n_ids: int) -> np.ndarr
 
 
 def make_realct(src: Path, out: Path, n_train: int, renumber_train: bool, seed: int,
-                test_first: bool = False) -> None:
+                test_first: bool = False, drop: tuple[str, ...] = ()) -> None:
     paths = list_images(src / "X_train")
-    names = [p.name for p in paths]
-    cols, masks = read_labels(src / "Y_train.csv", names)
+    cols, masks = read_labels(src / "Y_train.csv", [p.name for p in paths])
+    missing = sorted(set(drop) - {p.name for p in paths})
+    if missing:
+        raise FsctError(f"{src / 'X_train'}: no slice named {', '.join(missing)} to drop")
+    paths = [p for p in paths if p.name not in drop]
     by_name = dict(zip(cols, masks, strict=True))
     labelled = [p for p in paths if by_name.get(p.name) is not None and by_name[p.name].any()]
     unlabelled = [p for p in paths if p not in labelled]
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--renumber-train", action="store_true", help="also renumber train ids per slice")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--test-first", action="store_true", help="test on the first labelled slices, not the last")
+    r.add_argument("--drop", nargs="+", default=[], metavar="NAME",
+                   help="leave these slices out (e.g. unlabelled slices of the test block's body levels)")
     c = sub.add_parser("run", help="train both systems with one budget, predict, score")
     c.add_argument("--data", type=Path, required=True)
     c.add_argument("--work", type=Path, required=True)
@@ -190,11 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "sweep":
         sweep(args)
     elif args.cmd == "realct":
-        make_realct(args.src, args.out, args.n_train, args.renumber_train, args.seed, args.test_first)
+        make_realct(args.src, args.out, args.n_train, args.renumber_train, args.seed, args.test_first,
+                    tuple(args.drop))
     else:
         args.work.mkdir(parents=True, exist_ok=True)
         run_comparison(args)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FsctError as e:
+        sys.exit(f"error: {e}")
