@@ -6,6 +6,7 @@ on val slices of a shard set (what training chooses the threshold on) or on a la
   python tools/threshold_sweep.py --model M --shards SHARDS --data DIR       # val's choice, scored on test
   ... predict.partition_split=learned                                          # predict overrides
   ... predict.min_regions=N             # a region floor (fsct.partition.floored); it prints the shards' own
+  ... --oracle                          # also the oracle merge of the learned units (what no threshold can beat)
 
 Shows how many val slices a stable choice needs and whether the choice on val carries to test; --per-slice
 prints each slice's own best threshold.
@@ -24,6 +25,7 @@ from fsct.checkpoint import load_model
 from fsct.data.challenge import list_images, read_image, read_labels
 from fsct.data.episodes import PoolTensors
 from fsct.data.pool import load_split, read_index
+from fsct.metrics import official_score_slice
 from fsct.predict import dense_maps
 from fsct.threshold import GRID, region_floor, threshold_scores
 
@@ -42,12 +44,32 @@ def test_slices(data: Path, n: int) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(np.stack([read_image(p) for p in paths])), truth[: len(paths)]
 
 
-def sweep(model: torch.nn.Module, cfg, images: torch.Tensor, truth: np.ndarray) -> np.ndarray:
+def maps(model: torch.nn.Module, cfg, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boundary probabilities and embeddings of the slices, as predict computes them."""
+    out = [dense_maps(model, images[i:i + 8], cfg.predict.tta_flip, cfg.data.image_size)
+           for i in range(0, len(images), 8)]
+    prob, emb = (torch.cat(m) for m in zip(*out, strict=True))
+    return prob, emb
+
+
+def sweep(cfg, images: torch.Tensor, truth: np.ndarray, prob: torch.Tensor, emb: torch.Tensor) -> np.ndarray:
     """Official scores (T thresholds of the grid, N slices)."""
-    maps = [dense_maps(model, images[i:i + 8], cfg.predict.tta_flip, cfg.data.image_size)
-            for i in range(0, len(images), 8)]
-    prob, emb = (torch.cat(m) for m in zip(*maps, strict=True))
     return threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID, emb)
+
+
+def unit_oracle(cfg, truth: np.ndarray, prob: torch.Tensor, emb: torch.Tensor) -> float:
+    """The mean official score of the learned partition's units (the watershed basins before any merge), each
+    unit labelled with the truth label most of its pixels carry: the best any merge of those units can do.
+    Below it, the merge order loses score; at it, the units themselves bound the partition."""
+    from fsct.partition import learned_hierarchies
+
+    scores = []
+    for h, t in zip(learned_hierarchies(prob, emb, cfg.predict.embedding_weight), truth, strict=True):
+        units = torch.nn.functional.interpolate(torch.from_numpy(h.units)[None, None].float(), size=t.shape,
+                                                mode="nearest")[0, 0].long().numpy()
+        votes = np.bincount(units.ravel() * 256 + t.ravel(), minlength=(units.max() + 1) * 256)
+        scores.append(official_score_slice(t, votes.reshape(-1, 256).argmax(1)[units]))
+    return float(np.mean(scores))
 
 
 def main() -> None:
@@ -59,6 +81,7 @@ def main() -> None:
     p.add_argument("--slices", type=int, default=1000, help="the first N slices")
     p.add_argument("--json", type=Path, help="write the curves here")
     p.add_argument("--per-slice", action="store_true", help="print each slice's best threshold too")
+    p.add_argument("--oracle", action="store_true", help="print the oracle merge of the learned units too")
     p.add_argument("overrides", nargs="*", help="key=value over the model's config, e.g. predict.min_region=16")
     a = p.parse_args()
     if not (a.shards or a.data):
@@ -76,7 +99,8 @@ def main() -> None:
         print(f"{a.shards}: region floor of its {cfg.data.train_split} split: {floor}")
     curves = {}
     for name, (images, truth) in sets.items():
-        scores = sweep(model, cfg, images, truth)
+        prob, emb = maps(model, cfg, images)
+        scores = sweep(cfg, images, truth, prob, emb)
         curves[name] = scores.mean(1)
         if a.per_slice:
             print(f"{name} per slice, best threshold (score): " + " ".join(
@@ -84,6 +108,8 @@ def main() -> None:
         print(f"{name} ({len(images)} slices): " + " ".join(f"{t:.3f}:{v:.4f}" for t, v in zip(GRID, curves[name],
                                                                                               strict=True)))
         print(f"{name} best {GRID[int(curves[name].argmax())]:.3f}: {curves[name].max():.4f}")
+        if a.oracle:
+            print(f"{name} oracle merge of the learned units: {unit_oracle(cfg, truth, prob, emb):.4f}")
     if a.json:
         a.json.write_text(json.dumps({"grid": GRID, **{k: v.tolist() for k, v in curves.items()}}))
     if len(curves) == 2:
