@@ -6,7 +6,7 @@ on val slices of a shard set (what training chooses the threshold on) or on a la
   python tools/threshold_sweep.py --model M --shards SHARDS --data DIR       # val's choice, scored on test
   ... predict.partition_split=learned                                          # predict overrides
   ... predict.min_regions=N             # a region floor (fsct.partition.floored); it prints the shards' own
-  ... --oracle                          # also the oracle merge of the learned units (what no threshold can beat)
+  ... --oracle                          # also the oracle merge of the learned units and of the superpixels
 
 Shows how many val slices a stable choice needs and whether the choice on val carries to test; --per-slice
 prints each slice's own best threshold.
@@ -57,19 +57,30 @@ def sweep(cfg, images: torch.Tensor, truth: np.ndarray, prob: torch.Tensor, emb:
     return threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID, emb)
 
 
-def unit_oracle(cfg, truth: np.ndarray, prob: torch.Tensor, emb: torch.Tensor) -> float:
-    """The mean official score of the learned partition's units (the watershed basins before any merge), each
-    unit labelled with the truth label most of its pixels carry: the best any merge of those units can do.
-    Below it, the merge order loses score; at it, the units themselves bound the partition."""
-    from fsct.partition import learned_hierarchies
+def oracle_merge(units: np.ndarray, truth: np.ndarray) -> float:
+    """The official score of `units` (an over-segmentation at the truth's size) with each unit labelled by the
+    truth label most of its *foreground* pixels carry. Only foreground is scored, so a unit's background
+    pixels must not outvote its foreground ones: labelled 0, they would join every other such unit."""
+    votes = np.bincount(units.ravel() * 256 + truth.ravel(), minlength=(int(units.max()) + 1) * 256)
+    votes = votes.reshape(-1, 256)
+    votes[:, 0] = 0
+    return official_score_slice(truth, votes.argmax(1)[units])
 
-    scores = []
-    for h, t in zip(learned_hierarchies(prob, emb, cfg.predict.embedding_weight), truth, strict=True):
+
+def oracles(cfg, images: torch.Tensor, truth: np.ndarray, prob: torch.Tensor, emb: torch.Tensor) -> tuple[float, float]:
+    """Mean oracle merge (`oracle_merge`) of the learned partition's units (the watershed basins before any
+    merge) and of the body's intensity superpixels: the best any merge of either can do. A partition near
+    its units' bound is limited by the units, one far below it by the merge and the threshold."""
+    from fsct.partition import body_superpixels, learned_hierarchies
+
+    learned, sp = [], []
+    hier = learned_hierarchies(prob, emb, cfg.predict.embedding_weight)
+    for h, im, t in zip(hier, images.numpy(), truth, strict=True):
         units = torch.nn.functional.interpolate(torch.from_numpy(h.units)[None, None].float(), size=t.shape,
                                                 mode="nearest")[0, 0].long().numpy()
-        votes = np.bincount(units.ravel() * 256 + t.ravel(), minlength=(units.max() + 1) * 256)
-        scores.append(official_score_slice(t, votes.reshape(-1, 256).argmax(1)[units]))
-    return float(np.mean(scores))
+        learned.append(oracle_merge(units, t))
+        sp.append(oracle_merge(body_superpixels(im, cfg.predict.sp_scale), t))
+    return float(np.mean(learned)), float(np.mean(sp))
 
 
 def main() -> None:
@@ -81,7 +92,7 @@ def main() -> None:
     p.add_argument("--slices", type=int, default=1000, help="the first N slices")
     p.add_argument("--json", type=Path, help="write the curves here")
     p.add_argument("--per-slice", action="store_true", help="print each slice's best threshold too")
-    p.add_argument("--oracle", action="store_true", help="print the oracle merge of the learned units too")
+    p.add_argument("--oracle", action="store_true", help="print the oracle merges of the units and superpixels too")
     p.add_argument("overrides", nargs="*", help="key=value over the model's config, e.g. predict.min_region=16")
     a = p.parse_args()
     if not (a.shards or a.data):
@@ -109,7 +120,8 @@ def main() -> None:
                                                                                               strict=True)))
         print(f"{name} best {GRID[int(curves[name].argmax())]:.3f}: {curves[name].max():.4f}")
         if a.oracle:
-            print(f"{name} oracle merge of the learned units: {unit_oracle(cfg, truth, prob, emb):.4f}")
+            units, sp = oracles(cfg, images, truth, prob, emb)
+            print(f"{name} oracle merge of the learned units: {units:.4f}; of the superpixels: {sp:.4f}")
     if a.json:
         a.json.write_text(json.dumps({"grid": GRID, **{k: v.tolist() for k, v in curves.items()}}))
     if len(curves) == 2:
