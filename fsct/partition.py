@@ -398,14 +398,20 @@ def cut(units: np.ndarray, merges: np.ndarray, threshold: float) -> np.ndarray:
     return parent[units]
 
 
+def learned_units(boundary: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Boundary probabilities (B,h,w) -> the learned partition's units, the watershed basins of the map at
+    WORK_SIZE (`flood`), int64 (B,WORK_SIZE,WORK_SIZE), and the map at that size (CPU)."""
+    prob = _work(boundary.float()[:, None])[:, 0]
+    return flood(basins(prob), prob).cpu().numpy().astype(np.int64), prob.cpu().numpy()
+
+
 def learned_hierarchies(boundary: torch.Tensor, emb: torch.Tensor | None = None,
                         emb_weight: float = 0.0) -> list[Hierarchy]:
     """Boundary probabilities (B,h,w) and, with emb_weight > 0, embeddings (B,C,h',w') -> per slice, the
-    watershed basins of the map at WORK_SIZE (`flood`) and their merge order (CPU)."""
-    prob = _work(boundary.float()[:, None])[:, 0]
-    units = flood(basins(prob), prob).cpu().numpy().astype(np.int64)
+    learned units (`learned_units`) and their merge order (CPU)."""
+    units, prob = learned_units(boundary)
     out = []
-    for i, (u, p) in enumerate(zip(units, prob.cpu().numpy(), strict=True)):
+    for i, (u, p) in enumerate(zip(units, prob, strict=True)):
         e = _work(emb[i:i + 1].float())[0].cpu().numpy() if emb is not None and emb_weight > 0 else None
         out.append(Hierarchy(u, merge_sequence(u, p, e, emb_weight)))
     return out

@@ -52,11 +52,6 @@ def maps(model: torch.nn.Module, cfg, images: torch.Tensor) -> tuple[torch.Tenso
     return prob, emb
 
 
-def sweep(cfg, images: torch.Tensor, truth: np.ndarray, prob: torch.Tensor, emb: torch.Tensor) -> np.ndarray:
-    """Official scores (T thresholds of the grid, N slices)."""
-    return threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID, emb)
-
-
 def oracle_merge(units: np.ndarray, truth: np.ndarray) -> float:
     """The official score of `units` (an over-segmentation at the truth's size) with each unit labelled by the
     truth label most of its *foreground* pixels carry. Only foreground is scored, so a unit's background
@@ -67,18 +62,18 @@ def oracle_merge(units: np.ndarray, truth: np.ndarray) -> float:
     return official_score_slice(truth, votes.argmax(1)[units])
 
 
-def oracles(cfg, images: torch.Tensor, truth: np.ndarray, prob: torch.Tensor, emb: torch.Tensor) -> tuple[float, float]:
+def oracles(cfg, images: torch.Tensor, truth: np.ndarray, prob: torch.Tensor) -> tuple[float, float]:
     """Mean oracle merge (`oracle_merge`) of the learned partition's units (the watershed basins before any
     merge) and of the body's intensity superpixels: the best any merge of either can do. A partition near
     its units' bound is limited by the units, one far below it by the merge and the threshold."""
-    from fsct.partition import body_superpixels, learned_hierarchies
+    from fsct.partition import body_superpixels, learned_units
 
     learned, sp = [], []
-    hier = learned_hierarchies(prob, emb, cfg.predict.embedding_weight)
-    for h, im, t in zip(hier, images.numpy(), truth, strict=True):
-        units = torch.nn.functional.interpolate(torch.from_numpy(h.units)[None, None].float(), size=t.shape,
-                                                mode="nearest")[0, 0].long().numpy()
-        learned.append(oracle_merge(units, t))
+    units, _ = learned_units(prob)  # the basins alone: the oracle needs no merge order
+    for u, im, t in zip(units, images.numpy(), truth, strict=True):
+        u = torch.nn.functional.interpolate(torch.from_numpy(u)[None, None].float(), size=t.shape,
+                                            mode="nearest")[0, 0].long().numpy()
+        learned.append(oracle_merge(u, t))
         sp.append(oracle_merge(body_superpixels(im, cfg.predict.sp_scale), t))
     return float(np.mean(learned)), float(np.mean(sp))
 
@@ -111,7 +106,7 @@ def main() -> None:
     curves = {}
     for name, (images, truth) in sets.items():
         prob, emb = maps(model, cfg, images)
-        scores = sweep(cfg, images, truth, prob, emb)
+        scores = threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID, emb)  # (thresholds, slices)
         curves[name] = scores.mean(1)
         if a.per_slice:
             print(f"{name} per slice, best threshold (score): " + " ".join(
@@ -120,7 +115,7 @@ def main() -> None:
                                                                                               strict=True)))
         print(f"{name} best {GRID[int(curves[name].argmax())]:.3f}: {curves[name].max():.4f}")
         if a.oracle:
-            units, sp = oracles(cfg, images, truth, prob, emb)
+            units, sp = oracles(cfg, images, truth, prob)
             print(f"{name} oracle merge of the learned units: {units:.4f}; of the superpixels: {sp:.4f}")
     if a.json:
         a.json.write_text(json.dumps({"grid": GRID, **{k: v.tolist() for k, v in curves.items()}}))
