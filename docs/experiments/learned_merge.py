@@ -6,12 +6,12 @@ the learned partition's units merged in the order a logistic regression gives, a
 The shipped cost of two adjacent regions is 0.4 x their pooled border + 0.6 x their embedding distance
 (fsct.partition.merge_sequence). Here the cost is 1 - p(same structure), p a logistic regression on seven
 pooled pair features: border, embedding distance, the difference of mean and of standard deviation of
-intensity, log of the smaller and of the larger size, border length over the smaller's sqrt size. It is fit on
-the shards' train and val slices GALA-style (Nunez-Iglesias et al. 2013): the pairs met while agglomerating,
-first in the shipped cost's order, then, refit with those added, in the fitted cost's own order; a pair
-counts when both regions are mostly foreground, labelled "same" when their majority labels agree. Both costs
-are then scored on DIR's test slices under the model's region floor, at the threshold val chooses and at the
-one train+val choose (the fit's own slices, 5x more of them), with test's own best beside them.
+intensity, log of the smaller and of the larger size, border length over the smaller's sqrt size. It is fit
+on the shards' train and val slices (--fit train: train alone) GALA-style (Nunez-Iglesias et al. 2013): the
+pairs met while agglomerating, first in the shipped cost's order, then, refit with those added, in the fitted
+cost's own order; a pair counts when both regions are mostly foreground, labelled "same" when their majority
+labels agree. Both costs are then scored on DIR's test slices under the model's region floor, at the
+threshold val chooses and at the one train+val choose, with test's own best beside them.
 """
 
 from __future__ import annotations
@@ -156,6 +156,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="a checkpoint or model dir (config.yaml beside it)")
     ap.add_argument("--shards", type=Path, required=True, help="the model's shards: train and val slices")
     ap.add_argument("--data", type=Path, required=True, help="DIR/X_test/images + DIR/Y_test.csv")
+    ap.add_argument("--fit", choices=("train+val", "train"), default="train+val",
+                    help="the slices the regression is fit on (train: val's threshold choice is not biased by it)")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     model, cfg = load_model(a.model, [])
@@ -164,7 +166,8 @@ def main() -> None:
             for s in (cfg.data.train_split, cfg.data.val_split)}
     images, truth = test_slices(a.data, 1000)
     sets["test"] = (load_slices(model, cfg, images, truth), truth)
-    fit = [sl for s in (cfg.data.train_split, cfg.data.val_split) for sl in sets[s][0]]
+    fit_splits = (cfg.data.train_split,) + ((cfg.data.val_split,) if a.fit == "train+val" else ())
+    fit = [sl for s in fit_splits for sl in sets[s][0]]
     costs = {"shipped": shipped(pc.embedding_weight)}
     pairs = [p for sl in fit for p in agglomerate(sl, costs["shipped"])[1]]
     first = logistic(np.array([f for f, _ in pairs]), np.array([s for _, s in pairs]))
