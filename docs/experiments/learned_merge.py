@@ -144,11 +144,12 @@ def curve(slices: list[dict], truths: np.ndarray, cost: Callable, cfg: PredictCo
     return out
 
 
-def load_slices(model: torch.nn.Module, cfg, images: torch.Tensor, truth: np.ndarray) -> list[dict]:
+def load_slices(model: torch.nn.Module, cfg, images: torch.Tensor, truth: np.ndarray) -> tuple[list[dict], np.ndarray]:
+    """The slices' `slice_stats` under the model, and their truth."""
     prob, emb = maps(model, cfg, images)
     units, p = learned_units(prob)
     e = _at_work(emb, "bilinear").numpy()
-    return [slice_stats(*s) for s in zip(units, p, e, images.numpy(), truth, strict=True)]
+    return [slice_stats(*s) for s in zip(units, p, e, images.numpy(), truth, strict=True)], truth
 
 
 def main() -> None:
@@ -162,10 +163,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model, cfg = load_model(a.model, [])
     pc = cfg.predict
-    sets = {s: (load_slices(model, cfg, *val_slices(a.shards, s, 1000)), val_slices(a.shards, s, 1000)[1])
-            for s in (cfg.data.train_split, cfg.data.val_split)}
-    images, truth = test_slices(a.data, 1000)
-    sets["test"] = (load_slices(model, cfg, images, truth), truth)
+    sets = {s: load_slices(model, cfg, *val_slices(a.shards, s, 1000)) for s in (cfg.data.train_split,
+                                                                                cfg.data.val_split)}
+    sets["test"] = load_slices(model, cfg, *test_slices(a.data, 1000))
     fit_splits = (cfg.data.train_split,) + ((cfg.data.val_split,) if a.fit == "train+val" else ())
     fit = [sl for s in fit_splits for sl in sets[s][0]]
     costs = {"shipped": shipped(pc.embedding_weight)}
