@@ -1,4 +1,4 @@
-"""Snapshot ensemble experiment (docs/RESULTS.md, "A per-slice stop, and a snapshot ensemble"): the learned
+"""Snapshot ensemble experiment (docs/RESULTS.md, "A per-slice stop", its last bullet): the learned
 partition of several checkpoints of one run, their maps averaged, against each checkpoint alone.
 
   python docs/experiments/snapshot_ensemble.py --models STEP_DIR [STEP_DIR ...] --shards SHARDS --data DIR
