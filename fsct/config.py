@@ -116,6 +116,9 @@ class TrainConfig:
     # dense models: predict.min_regions = the median number of structures (>= predict.min_region pixels) of
     # a labelled train slice (the shards' index), saved with the model
     region_floor: bool = True
+    # dense models: predict.body_size = the median body size of the train split's first 64 slices, saved with
+    # the model
+    body_scale: bool = True
     # W&B panel of query predictions at the first validation at least this many steps after the last; 0 = never
     image_every: int = 100
     tracker: Literal["none", "wandb", "tensorboard", "mlflow"] = "none"  # accelerate's log_with
@@ -149,6 +152,12 @@ class PredictConfig:
     # boundary/learned: a slice cut into fewer regions than this is cut again at the next lower threshold of
     # fsct.threshold.GRID, until it has as many (0 = no floor). Training sets it (train.region_floor).
     min_regions: int = 0
+    # boundary/learned: the training slices' median body size (sqrt of the body's share of the slice); a slice
+    # whose body is smaller than it by more than the fraction body_tolerance (the default augment.scale: the
+    # zooms training has seen) is partitioned through a window that shows its body at that size, and mapped
+    # back (fsct/body_scale.py). Training sets body_size (train.body_scale); 0 = every slice as it is.
+    body_size: float = 0.0
+    body_tolerance: float = 0.15
     # learned: torch = batched tensor ops on the model's device (fsct/partition_torch.py); numpy = one slice
     # at a time on the CPU; the same partition either way; auto = torch on a GPU, numpy on a CPU (faster there)
     partition_ops: Literal["auto", "numpy", "torch"] = "auto"
@@ -335,6 +344,8 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "predict.sp_scale": (lambda v: v > 0, "> 0"),
     "predict.boundary_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "predict.min_regions": (lambda v: 0 <= v <= 255, "in [0, 255] (0: no floor)"),
+    "predict.body_size": (lambda v: 0 <= v <= 1, "in [0, 1] (0: every slice as it is)"),
+    "predict.body_tolerance": (lambda v: v >= 0, ">= 0"),
     "model.decoder_dim": (lambda v: v >= 1, ">= 1"),
     "model.boundary_weight": (lambda v: v >= 0, ">= 0"),
     "augment.sharpness": (lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fsct.atomic import atomic_file, fault_point, remove_stale
+from fsct.body_scale import Frames, body_frames, from_frames, to_frames
 from fsct.checkpoint import load_model, weights_path
 from fsct.config import Config, PredictConfig, to_dict
 from fsct.data.challenge import list_images, read_image
@@ -124,18 +125,42 @@ def model_draws_partition(cfg: PredictConfig) -> bool:
     return cfg.mode == "partition" and cfg.partition_split in ("learned", "boundary")
 
 
+@dataclass
+class FramedMaps:
+    """A dense model's maps of slices seen at the training's body scale (fsct.body_scale): the partition is
+    drawn on `seen` and mapped back to the slices' own pixels through `frames`."""
+
+    prob: torch.Tensor  # (B,h,w) boundary probabilities
+    emb: torch.Tensor  # (B,C,h,w) embeddings
+    seen: torch.Tensor  # (B,H,W) uint8: the slices as the model saw them
+    frames: Frames
+
+
+def framed_maps(model: PANet, images: torch.Tensor, cfg: PredictConfig, image_size: int,
+                batch: int | None = None) -> FramedMaps:
+    """`dense_maps` of uint8 (B,H,W) slices, each seen through its body-scale window (cfg.body_size); with
+    `batch`, that many slices at a time."""
+    frames = body_frames(images, cfg.body_size, cfg.body_tolerance)
+    seen = to_frames(images, frames)
+    step = batch or max(len(seen), 1)
+    maps = [dense_maps(model, seen[i:i + step], cfg.tta_flip, image_size) for i in range(0, len(seen), step)]
+    prob, emb = (torch.cat(m) for m in zip(*maps, strict=True))
+    return FramedMaps(prob, emb, seen, frames)
+
+
 def learned_masks(model: PANet, images: torch.Tensor, cfg: PredictConfig, image_size: int) -> np.ndarray:
     """A partition of uint8 (B,512,512) slices drawn from the model: `learned` (the watershed basins of its
     boundary map merged by their borders and embeddings) or `boundary` (CPU superpixels merged where the model
     sees no border)."""
     from fsct.partition import boundary_merge_slice, learned_partition
 
-    prob, emb = dense_maps(model, images, cfg.tta_flip, image_size)
+    m = framed_maps(model, images, cfg, image_size)
     if cfg.partition_split == "learned":
-        return learned_partition(prob, cfg, OUT_SIZE, emb)
-    full = F.interpolate(prob[:, None], size=(OUT_SIZE, OUT_SIZE), mode="bilinear", align_corners=False)[:, 0]
-    imgs = images.cpu().numpy()
-    return np.stack([boundary_merge_slice(im, p, cfg) for im, p in zip(imgs, full.cpu().numpy(), strict=True)])
+        return from_frames(learned_partition(m.prob, cfg, OUT_SIZE, m.emb), m.frames)
+    full = F.interpolate(m.prob[:, None], size=(OUT_SIZE, OUT_SIZE), mode="bilinear", align_corners=False)[:, 0]
+    imgs = m.seen.cpu().numpy()
+    return from_frames(np.stack([boundary_merge_slice(im, p, cfg)
+                                 for im, p in zip(imgs, full.cpu().numpy(), strict=True)]), m.frames)
 
 
 @dataclass

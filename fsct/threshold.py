@@ -10,6 +10,7 @@ import functools
 import numpy as np
 import torch
 
+from fsct.body_scale import Frames, unframed
 from fsct.config import PredictConfig
 from fsct.metrics import official_score_slice
 
@@ -29,10 +30,13 @@ def ladder(threshold: float, min_regions: int) -> tuple[float, ...]:
 
 
 def threshold_scores(prob: torch.Tensor, images: np.ndarray, truths: np.ndarray, cfg: PredictConfig,
-                     thresholds: tuple[float, ...], emb: torch.Tensor | None = None) -> np.ndarray:
+                     thresholds: tuple[float, ...], emb: torch.Tensor | None = None,
+                     frames: Frames | None = None) -> np.ndarray:
     """Boundary probabilities (N,h,w), uint8 slices and true label maps (N,H,W) (+ the embeddings (N,C,h,w)
     `learned` merges by when cfg.embedding_weight > 0) -> official scores (T, N) of the configured partition
-    (`learned` or `boundary`) at each threshold, at the truth's size."""
+    (`learned` or `boundary`) at each threshold, at the truth's size. With `frames` (fsct.predict.framed_maps),
+    the maps and `images` are the slices seen through their body-scale windows, and each partition is mapped
+    back to the truth's pixels before it is scored."""
     from fsct.partition import boundary_hierarchy, floored, hierarchy_partition, learned_hierarchies
 
     size = truths.shape[-1]
@@ -47,7 +51,9 @@ def threshold_scores(prob: torch.Tensor, images: np.ndarray, truths: np.ndarray,
     for j, (tr, h) in enumerate(zip(truths, hier, strict=True)):
         # under a floor, threshold t may fall back to lower ones of the grid: each is cut once per slice
         cut_at = functools.cache(functools.partial(hierarchy_partition, h, min_region=cfg.min_region, out_size=size))
-        scores[:, j] = [official_score_slice(tr, floored(cut_at, t, cfg.min_regions)) for t in thresholds]
+        one = None if frames is None else frames.select(j)
+        scores[:, j] = [official_score_slice(tr, unframed(floored(cut_at, t, cfg.min_regions), one))
+                        for t in thresholds]
     return scores
 
 

@@ -29,7 +29,7 @@ from fsct import launch
 from fsct.checkpoint import checkpoints, find_checkpoint, load_checkpoint, save_checkpoint, save_model
 from fsct.config import Config, load_config, save_config, to_dict
 from fsct.data.episodes import Batch, EpisodeSampler, PoolTensors, TrainSource, load_train_data, make_batch
-from fsct.data.pool import Pool, load_split, read_index
+from fsct.data.pool import Pool, key_order, load_split, read_index, split_info
 from fsct.engine import StepResult, make_accelerator, make_optimizer, train_step
 from fsct.errors import FsctError
 from fsct.lock import locked
@@ -92,6 +92,7 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
 
     launch.prepare_launch(torch.cuda.is_available())
     set_region_floor(cfg)
+    set_body_size(cfg)
     run = start_run(cfg)
     set_seed(cfg.train.seed)  # same init on every rank
     data = load_train_data(cfg, run.rank, run.world)
@@ -150,6 +151,17 @@ def set_region_floor(cfg: Config) -> None:
     if cfg.model.decoder == "unet" and cfg.train.region_floor:
         index = read_index(Path(cfg.data.shards))
         cfg.predict.min_regions = region_floor(index, cfg.data.train_split, cfg.predict.min_region)
+
+
+def set_body_size(cfg: Config) -> None:
+    """A dense model's body size (predict.body_size) from its training slices, before config.yaml is written:
+    prediction sets other patients' bodies to it (fsct.body_scale)."""
+    from fsct.body_scale import median_body_size
+
+    if cfg.model.decoder == "unet" and cfg.train.body_scale:
+        shards, split = Path(cfg.data.shards), cfg.data.train_split
+        keys = sorted(split_info(read_index(shards), shards, split)["samples"], key=key_order)[:64]
+        cfg.predict.body_size = median_body_size(load_split(shards, split, keys=set(keys)).images)
 
 
 def start_run(cfg: Config) -> Run:
@@ -418,7 +430,7 @@ def validate(acc, step_fn: nn.Module, val: ValSet, cfg: Config) -> tuple[dict[st
 def partition_scores(model: nn.Module, val: ValSet, cfg: Config, rank: int, world: int) -> torch.Tensor:
     """Per threshold of the grid (fsct.threshold), the sum of the official scores of the configured partition
     over this rank's share of the first `train.val_slices` val slices, then the count."""
-    from fsct.predict import dense_maps
+    from fsct.predict import framed_maps
     from fsct.threshold import threshold_scores
 
     grid = val_thresholds(cfg)
@@ -429,8 +441,8 @@ def partition_scores(model: nn.Module, val: ValSet, cfg: Config, rank: int, worl
     dev = next(model.parameters()).device
     images = slices.images[idx]
     # the maps predict will cut (flip TTA or not), so the threshold chosen here is the one that fits them
-    prob, emb = dense_maps(model, torch.from_numpy(images).to(dev), cfg.predict.tta_flip, cfg.data.image_size)
-    scores = threshold_scores(prob, images, slices.masks[idx], cfg.predict, grid, emb)
+    m = framed_maps(model, torch.from_numpy(images).to(dev), cfg.predict, cfg.data.image_size)
+    scores = threshold_scores(m.prob, m.seen.cpu().numpy(), slices.masks[idx], cfg.predict, grid, m.emb, m.frames)
     return torch.tensor([*scores.sum(1), len(idx)], dtype=torch.float64)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from fsct.body_scale import median_body_size
 from fsct.config import AugmentConfig, ModelConfig, PredictConfig, load_config
 from fsct.data.augment import _sharpen, augment_batch
 from fsct.data.pool import load_split
@@ -312,6 +313,9 @@ def test_partition_recipe_trains_validates_and_predicts(shards: Path, tmp_path: 
     assert saved.predict.boundary_threshold == val[-1]["val/boundary_threshold"]
     # so does the region floor: the median structure count of a labelled train slice, read back from the shards
     assert saved.predict.min_regions == median_structures(shards, saved.predict.min_region) >= 2
+    # and the train slices' median body size, which prediction sets other bodies to (fsct.body_scale)
+    assert saved.predict.body_size == pytest.approx(median_body_size(load_split(shards, "train").images))
+    assert 0.3 < saved.predict.body_size < 0.95
     subs = []
     for name in ("a.csv", "b.csv"):  # the recipe's own predict settings: the learned partition
         r = fsct("predict", "--checkpoint", str(run), "--support", str(shards), "--images", str(shards),

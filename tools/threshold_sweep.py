@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsct.body_scale import unframed
 from fsct.checkpoint import load_model
 from fsct.data.challenge import list_images, read_image, read_labels
 from fsct.data.episodes import PoolTensors
 from fsct.data.pool import load_split, read_index
 from fsct.metrics import official_score_slice
-from fsct.predict import dense_maps
+from fsct.predict import FramedMaps, framed_maps
 from fsct.threshold import GRID, region_floor, threshold_scores
 
 
@@ -45,11 +46,17 @@ def test_slices(data: Path, n: int) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def maps(model: torch.nn.Module, cfg, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boundary probabilities and embeddings of the slices, as predict computes them."""
-    out = [dense_maps(model, images[i:i + 8], cfg.predict.tta_flip, cfg.data.image_size)
-           for i in range(0, len(images), 8)]
-    prob, emb = (torch.cat(m) for m in zip(*out, strict=True))
-    return prob, emb
+    """Boundary probabilities and embeddings of the slices as predict computes them, for the experiments in
+    docs/experiments, which score partitions in the slices' own frames."""
+    m = framed_maps(model, images, cfg.predict, cfg.data.image_size, batch=8)
+    if bool(m.frames.moved.any()):
+        raise SystemExit("a slice's body is smaller than the model's body size: run with predict.body_size=0")
+    return m.prob, m.emb
+
+
+def _ratios(m: FramedMaps) -> str:
+    r = m.frames.ratio[m.frames.moved]
+    return f"{float(r.min()):.2f}-{float(r.max()):.2f}" if len(r) else "none"
 
 
 def oracle_merge(units: np.ndarray, truth: np.ndarray) -> float:
@@ -62,18 +69,18 @@ def oracle_merge(units: np.ndarray, truth: np.ndarray) -> float:
     return official_score_slice(truth, votes.argmax(1)[units])
 
 
-def oracles(cfg, images: torch.Tensor, truth: np.ndarray, prob: torch.Tensor) -> tuple[float, float]:
+def oracles(cfg, images: torch.Tensor, truth: np.ndarray, m: FramedMaps) -> tuple[float, float]:
     """Mean oracle merge (`oracle_merge`) of the learned partition's units (the watershed basins before any
     merge) and of the body's intensity superpixels: the best any merge of either can do. A partition near
     its units' bound is limited by the units, one far below it by the merge and the threshold."""
     from fsct.partition import body_superpixels, learned_units
 
     learned, sp = [], []
-    units, _ = learned_units(prob)  # the basins alone: the oracle needs no merge order
-    for u, im, t in zip(units, images.numpy(), truth, strict=True):
+    units, _ = learned_units(m.prob)  # the basins alone: the oracle needs no merge order
+    for j, (u, im, t) in enumerate(zip(units, images.numpy(), truth, strict=True)):
         u = torch.nn.functional.interpolate(torch.from_numpy(u)[None, None].float(), size=t.shape,
                                             mode="nearest")[0, 0].long().numpy()
-        learned.append(oracle_merge(u, t))
+        learned.append(oracle_merge(unframed(u, m.frames.select(j)), t))
         sp.append(oracle_merge(body_superpixels(im, cfg.predict.sp_scale), t))
     return float(np.mean(learned)), float(np.mean(sp))
 
@@ -105,8 +112,11 @@ def main() -> None:
         print(f"{a.shards}: region floor of its {cfg.data.train_split} split: {floor}")
     curves = {}
     for name, (images, truth) in sets.items():
-        prob, emb = maps(model, cfg, images)
-        scores = threshold_scores(prob, images.numpy(), truth, cfg.predict, GRID, emb)  # (thresholds, slices)
+        m = framed_maps(model, images, cfg.predict, cfg.data.image_size, batch=8)
+        scores = threshold_scores(m.prob, m.seen.numpy(), truth, cfg.predict, GRID, m.emb, m.frames)  # (T, slices)
+        if cfg.predict.body_size > 0:
+            print(f"{name}: {int(m.frames.moved.sum())} of {len(images)} slices seen through a body-scale window "
+                  f"(predict.body_size {cfg.predict.body_size:.3f}, ratios {_ratios(m)})")
         curves[name] = scores.mean(1)
         if a.per_slice:
             print(f"{name} per slice, best threshold (score): " + " ".join(
@@ -115,7 +125,7 @@ def main() -> None:
                                                                                               strict=True)))
         print(f"{name} best {GRID[int(curves[name].argmax())]:.3f}: {curves[name].max():.4f}")
         if a.oracle:
-            units, sp = oracles(cfg, images, truth, prob)
+            units, sp = oracles(cfg, images, truth, m)
             print(f"{name} oracle merge of the learned units: {units:.4f}; of the superpixels: {sp:.4f}")
     if a.json:
         a.json.write_text(json.dumps({"grid": GRID, **{k: v.tolist() for k, v in curves.items()}}))

@@ -22,11 +22,11 @@ MAX_SEGMENTS = 255
 BODY_THRESHOLD = 60  # uint8 after the -1000..1000 HU window: about -530 HU, between air and fat
 
 
-def body_mask(image: np.ndarray, threshold: int = BODY_THRESHOLD) -> np.ndarray:
-    """The patient: pixels above the air threshold, opened (drops the table and thin clothing), the
-    largest connected component, holes filled (lungs and bowel gas are inside the body)."""
+def body_mask(image: np.ndarray, threshold: int = BODY_THRESHOLD, opening: int = 2) -> np.ndarray:
+    """The patient: pixels above the air threshold, opened `opening` times (drops the table and thin
+    clothing), the largest connected component, holes filled (lungs and bowel gas are inside the body)."""
     fg = image > threshold
-    fg = ndimage.binary_opening(fg, structure=np.ones((3, 3), bool), iterations=2)
+    fg = ndimage.binary_opening(fg, structure=np.ones((3, 3), bool), iterations=opening)
     lab, n = ndimage.label(fg)
     if n == 0:
         return np.zeros(image.shape, bool)
