@@ -9,7 +9,9 @@ writes OUT/<name>/X_test/images and OUT/<name>/Y_test.csv per shift (the folders
   zoom=Z   the body Z times as wide (about the image's centre; < 1 a smaller patient, > 1 a larger one)
   shift=F  the body moved right and down by F of the image's width (another position on the table)
   noise=S  Gaussian noise of S grey levels (a noisier scanner or thinner slices; seeded)
-  gamma=G  intensity x -> 255 (x / 255)^G (another window or contrast phase)
+  gamma=G  intensity x -> 255 (x / 255)^G (another window)
+  organs=S each labelled structure's pixels shifted by its own offset, uniform in [-S, S] grey levels
+           (another contrast phase or scanner: enhancement differs per organ; seeded)
 Label maps move with their images (nearest neighbour); pixels moved in from outside are air (0).
 
   python docs/experiments/shifted_test.py --data DIR --sizes
@@ -44,7 +46,8 @@ def _affine(a: np.ndarray, zoom: float, shift: float, resample: Image.Resampling
 
 def shifted(image: np.ndarray, mask: np.ndarray, kind: str, value: float, rng: np.random.Generator
             ) -> tuple[np.ndarray, np.ndarray]:
-    """One uint8 slice and its label map (uint8/uint16) as the shift `kind` (zoom/shift/noise/gamma) shows them."""
+    """One uint8 slice and its label map (uint8/uint16) as the shift `kind` (zoom/shift/noise/gamma/organs) shows
+    them."""
     if kind in ("zoom", "shift"):
         zoom, move = (value, 0.0) if kind == "zoom" else (1.0, value)
         m = mask.astype(np.int32)
@@ -55,8 +58,12 @@ def shifted(image: np.ndarray, mask: np.ndarray, kind: str, value: float, rng: n
         x = x + rng.normal(0, value, x.shape)
     elif kind == "gamma":
         x = 255 * (x / 255) ** value
+    elif kind == "organs":
+        offsets = rng.uniform(-value, value, int(mask.max()) + 1)
+        offsets[0] = 0
+        x = x + offsets[mask]
     else:
-        raise ValueError(f"unknown shift {kind!r} (zoom, shift, noise, gamma)")
+        raise ValueError(f"unknown shift {kind!r} (zoom, shift, noise, gamma, organs)")
     return np.clip(np.rint(x), 0, 255).astype(np.uint8), mask
 
 
