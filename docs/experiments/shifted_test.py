@@ -86,7 +86,8 @@ def main() -> None:
     p.add_argument("shifts", nargs="*", help="kind=value, e.g. zoom=0.8")
     a = p.parse_args()
     if a.sizes:
-        return print_sizes(a.data)
+        print_sizes(a.data)
+        return
     if not a.out or not a.shifts:
         p.error("give --out and at least one shift")
     paths = list_images(a.data / "X_test" / "images")
