@@ -149,6 +149,11 @@ class PredictConfig:
     # learned: weight of the embedding distance (1 - cosine of two regions' mean embeddings) in the merge cost,
     # beside (1 - weight) x the pooled border's mean probability; 0 = the border alone
     embedding_weight: float = 0.0
+    # learned: weight w of the support slices' vote (fsct/vote.py): the merge cost becomes (1 - w) x the cost
+    # above + w x (1 - how often a labelled support slice calls both regions the same structure); 0 = off.
+    # Up to vote_slices labelled slices of the support's split vote, evenly spread over its keys.
+    support_vote: float = 0.0
+    vote_slices: int = 32
     # boundary/learned: a slice cut into fewer regions than this is cut again at the next lower threshold of
     # fsct.threshold.GRID, until it has as many (0 = no floor). Training sets it (train.region_floor).
     min_regions: int = 0

@@ -27,6 +27,7 @@ from scipy.sparse import csgraph
 
 from fsct.config import PredictConfig
 from fsct.data.superpixels import body_mask, superpixels
+from fsct.vote import Voters, agreement
 
 MAX_ID = 255
 
@@ -322,7 +323,7 @@ class Hierarchy:
 
 
 def merge_sequence(units: np.ndarray, prob: np.ndarray, emb: np.ndarray | None = None,
-                   emb_weight: float = 0.0) -> np.ndarray:
+                   emb_weight: float = 0.0, voters: Voters | None = None) -> np.ndarray:
     """Greedy agglomeration of adjacent units (ids > 0) run to the end: repeatedly merge the pair with the
     lowest cost, borders and embeddings pooled as regions merge. -> (M,3) rows (height, kept, merged), height =
     the highest cost merged so far, so stopping at threshold t is the prefix of rows with height < t.
@@ -332,17 +333,23 @@ def merge_sequence(units: np.ndarray, prob: np.ndarray, emb: np.ndarray | None =
     Pooling (not one-shot thresholding) keeps one weak spot in a long border from gluing two structures. The
     embedding term weighs a region's whole content, not its rim: two organs whose border the map draws faintly
     still differ in it. With it, the threshold val chooses carries to test slices of other body levels,
-    where the border alone needed a different threshold at each level (docs/RESULTS.md)."""
+    where the border alone needed a different threshold at each level (docs/RESULTS.md).
+
+    With `voters` (fsct/vote.py, needs emb), cost = (1 - w) x the cost above + w x (1 - agree), w =
+    voters.weight: whether the labelled support slices call the two regions the same structure."""
     import heapq
 
     a, b, sums, counts = border_strength(units, prob)
     w = float(emb_weight) if emb is not None else 0.0
-    vec = None
-    if w > 0:
+    vote = voters if emb is not None and voters is not None and voters.weight > 0 else None
+    vec = votes = None
+    if w > 0 or vote is not None:
         n = int(units.max()) + 1
         flat = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).reshape(emb.shape[0], -1).T
-        sums_e = torch.zeros(n, emb.shape[0]).index_add_(0, torch.from_numpy(units.ravel()), flat)
-        vec = dict(enumerate(sums_e.double().numpy()))
+        sums_e = torch.zeros(n, emb.shape[0]).index_add_(0, torch.from_numpy(units.ravel()), flat).double()
+        vec = dict(enumerate(sums_e.numpy()))
+        if vote is not None:  # a region's vote changes only when it grows: kept per region
+            votes = dict(enumerate(vote.probs(sums_e)))
     adj: dict[int, dict[int, list[float]]] = {}
     for x, y, s, c in zip(a.tolist(), b.tolist(), sums.tolist(), counts.tolist(), strict=True):
         adj.setdefault(x, {})[y] = [s, c]
@@ -350,11 +357,15 @@ def merge_sequence(units: np.ndarray, prob: np.ndarray, emb: np.ndarray | None =
 
     def cost(x: int, y: int) -> float:
         s, c = adj[x][y]
-        if vec is None:
-            return s / c
-        u, v = vec[x], vec[y]
-        cos = float(u @ v) / (float(np.linalg.norm(u) * np.linalg.norm(v)) + 1e-12)
-        return (1.0 - w) * s / c + w * (1.0 - cos)
+        base = s / c
+        if w > 0:
+            u, v = vec[x], vec[y]
+            cos = float(u @ v) / (float(np.linalg.norm(u) * np.linalg.norm(v)) + 1e-12)
+            base = (1.0 - w) * base + w * (1.0 - cos)
+        if votes is None:
+            return base
+        agree = float(agreement(votes[x][None], votes[y][None])[0])
+        return (1.0 - vote.weight) * base + vote.weight * (1.0 - agree)
 
     version: dict[int, int] = {}
     heap = [(cost(x, y), x, y, 0, 0) for x, y in zip(a.tolist(), b.tolist(), strict=True)]
@@ -370,6 +381,9 @@ def merge_sequence(units: np.ndarray, prob: np.ndarray, emb: np.ndarray | None =
         version[x] = vx + 1
         if vec is not None:
             vec[x] = vec[x] + vec.pop(y)
+        if votes is not None:
+            votes.pop(y)
+            votes[x] = vote.probs(torch.from_numpy(vec[x])[None])[0]
         for z, (sz, cz) in adj.pop(y).items():
             del adj[z][y]
             if z == x:
@@ -406,14 +420,16 @@ def learned_units(boundary: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def learned_hierarchies(boundary: torch.Tensor, emb: torch.Tensor | None = None,
-                        emb_weight: float = 0.0) -> list[Hierarchy]:
-    """Boundary probabilities (B,h,w) and, with emb_weight > 0, embeddings (B,C,h',w') -> per slice, the
-    learned units (`learned_units`) and their merge order (CPU)."""
+                        emb_weight: float = 0.0, voters: Voters | None = None) -> list[Hierarchy]:
+    """Boundary probabilities (B,h,w) and, with emb_weight > 0 or `voters`, embeddings (B,C,h',w') -> per
+    slice, the learned units (`learned_units`) and their merge order (CPU)."""
     units, prob = learned_units(boundary)
+    vote = voters.to("cpu") if voters is not None and voters.weight > 0 else None
     out = []
     for i, (u, p) in enumerate(zip(units, prob, strict=True)):
-        e = _work(emb[i:i + 1].float())[0].cpu().numpy() if emb is not None and emb_weight > 0 else None
-        out.append(Hierarchy(u, merge_sequence(u, p, e, emb_weight)))
+        use = emb is not None and (emb_weight > 0 or vote is not None)
+        e = _work(emb[i:i + 1].float())[0].cpu().numpy() if use else None
+        out.append(Hierarchy(u, merge_sequence(u, p, e, emb_weight, vote)))
     return out
 
 
@@ -459,22 +475,23 @@ def floored(cut_at: Callable[[float], np.ndarray], threshold: float, min_regions
 
 
 def learned_partition(boundary: torch.Tensor, cfg: PredictConfig, out_size: int = 512,
-                      emb: torch.Tensor | None = None) -> np.ndarray:
+                      emb: torch.Tensor | None = None, voters: Voters | None = None) -> np.ndarray:
     """Boundary probabilities (B,h,w) (+ embeddings (B,C,h,w) for cfg.embedding_weight > 0) -> partitions
     (B,out_size,out_size) uint8, ids 1..n per slice.
 
     The map's watershed basins (every structure whose inside is lower than its rim gets one) are merged
     while their merge cost (pooled border, and embedding distance) stays under `boundary_threshold`: borders
-    follow the model, not intensity. With `partition_ops` torch (auto: on a GPU) the same partition comes
-    from batched tensor ops on the maps' device (fsct.partition_torch)."""
+    follow the model, not intensity; with `voters` (fsct/vote.py) the labelled support slices vote on every
+    merge. With `partition_ops` torch (auto: on a GPU) the same partition comes from batched tensor ops on
+    the maps' device (fsct.partition_torch)."""
     ops = cfg.partition_ops
     if ops == "torch" or (ops == "auto" and boundary.device.type != "cpu"):
         from fsct.partition_torch import learned_partition_torch
 
         return learned_partition_torch(boundary, cfg.boundary_threshold, cfg.min_region, out_size, emb,
-                                       cfg.embedding_weight, cfg.min_regions).cpu().numpy()
+                                       cfg.embedding_weight, cfg.min_regions, voters).cpu().numpy()
     return np.stack([floored_hierarchy_partition(h, cfg, out_size)
-                     for h in learned_hierarchies(boundary, emb, cfg.embedding_weight)])
+                     for h in learned_hierarchies(boundary, emb, cfg.embedding_weight, voters)])
 
 
 def floored_hierarchy_partition(h: Hierarchy, cfg: PredictConfig, out_size: int) -> np.ndarray:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from fsct.partition import FLOOD_LEVELS, MAX_ID, WORK_SIZE, _work, flood_torch, min_cells
 from fsct.threshold import ladder
+from fsct.vote import Voters, agreement
 
 # Half of each neighbourhood: the other half is the same pairs seen from the other cell.
 _HALF_NEIGHBOURS = {8: [(0, 1), (1, 0), (1, 1), (1, -1)], 4: [(0, 1), (1, 0)]}
@@ -111,12 +112,21 @@ def _coalesce(a: torch.Tensor, b: torch.Tensor, n: int, *sums: torch.Tensor
     return key // n, key % n, out
 
 
+def _agree(voters: Voters, vec: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """`fsct.vote.agreement` of the regions a and b of each edge (summed embeddings `vec`), in chunks of
+    edges: one (chunk, J, S) block of support probabilities at a time."""
+    out = [agreement(voters.probs(vec[a[i:i + chunk]]), voters.probs(vec[b[i:i + chunk]]))
+           for i in range(0, len(a), chunk)]
+    return torch.cat(out) if out else vec.new_zeros(0)
+
+
 def merge_below(units: torch.Tensor, prob: torch.Tensor, threshold: float, emb: torch.Tensor | None = None,
-                emb_weight: float = 0.0) -> torch.Tensor:
+                emb_weight: float = 0.0, voters: Voters | None = None) -> torch.Tensor:
     """Units (B,H,W) int (ids >= 1; 0 is never merged) merged while an adjacent pair costs under `threshold`
     -> region ids (B,H,W) int64, unique over the batch. The cost is `fsct.partition.merge_sequence`'s:
     (1 - emb_weight) * mean boundary probability on the shared border + emb_weight * (1 - cosine of the mean
-    embeddings), emb (B,C,H,W) at the units' size."""
+    embeddings), emb (B,C,H,W) at the units' size; with `voters`, (1 - w) x that + w x (1 - the support
+    slices' agreement), w = voters.weight."""
     ids, stride = _global_ids(units)
     n = units.shape[0] * stride
     a, b, p = _pairs(ids, prob.float())  # halved in float32 and summed in float64, as border_strength does
@@ -125,21 +135,25 @@ def merge_below(units: torch.Tensor, prob: torch.Tensor, threshold: float, emb: 
     ok = ~local_zero[a] & ~local_zero[b]
     a, b, (s, c) = _coalesce(a[ok], b[ok], n, p[ok], torch.ones_like(p[ok]))
     w = float(emb_weight) if emb is not None else 0.0
-    vec = None
-    if w > 0:
+    vote = voters.to(ids.device) if emb is not None and voters is not None and voters.weight > 0 else None
+    vec = agree = None
+    if w > 0 or vote is not None:
         # summed in float32 as merge_sequence sums them, merged and compared in float64
         flat = emb.float().permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
         vec = torch.zeros(n, emb.shape[1], device=ids.device).index_add_(0, ids.reshape(-1), flat).double()
+    if vote is not None:  # per edge; recomputed only for the edges of regions that grew
+        agree = _agree(vote, vec, a, b)
     root = torch.arange(n, device=ids.device)
     slice_of = torch.arange(n, device=ids.device) // stride
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=ids.device)
     while len(a):
-        if vec is None:
-            cost = s / c
-        else:  # merge_sequence's cost, operation for operation: near-ties fall the same way
+        cost = s / c
+        if w > 0:  # merge_sequence's cost, operation for operation: near-ties fall the same way
             u, v = vec[a], vec[b]
             cos = (u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1) + 1e-12)
-            cost = (1.0 - w) * s / c + w * (1.0 - cos)
+            cost = (1.0 - w) * cost + w * (1.0 - cos)
+        if vote is not None:
+            cost = (1.0 - vote.weight) * cost + vote.weight * (1.0 - agree)
         # each slice's cheapest pair, ties to the smallest (a, b): the pair merge_sequence's heap pops next
         sl = slice_of[a]
         low = inf.expand(units.shape[0]).clone().scatter_reduce(0, sl, cost, "amin")
@@ -150,14 +164,22 @@ def merge_below(units: torch.Tensor, prob: torch.Tensor, threshold: float, emb: 
         first = torch.full((units.shape[0],), n * n, device=ids.device).scatter_reduce(0, sl, key, "amin")
         sel = cand & (key == first[sl])
         lab = torch.arange(n, device=ids.device)
-        lab[b[sel]] = a[sel]  # a < b: the smaller id is kept
+        a_sel = a[sel]
+        lab[b[sel]] = a_sel  # a < b: the smaller id is kept
         root = lab[root]
         if vec is not None:
-            vec = vec.index_add(0, a[sel], vec[b[sel]])
+            vec = vec.index_add(0, a_sel, vec[b[sel]])
         a, b = lab[a], lab[b]
         live = a != b
         a, b = torch.minimum(a[live], b[live]), torch.maximum(a[live], b[live])
-        a, b, (s, c) = _coalesce(a, b, n, s[live], c[live])
+        if vote is None:
+            a, b, (s, c) = _coalesce(a, b, n, s[live], c[live])
+            continue
+        a, b, (s, c, agree) = _coalesce(a, b, n, s[live], c[live], agree[live])
+        grown = torch.zeros(n, dtype=torch.bool, device=ids.device)
+        grown[a_sel] = True
+        touched = grown[a] | grown[b]  # their sums above are stale; every other edge is one entry, unchanged
+        agree[touched] = _agree(vote, vec, a[touched], b[touched])
     return root[ids]
 
 
@@ -231,10 +253,11 @@ def compact(regions: torch.Tensor) -> torch.Tensor:
 
 
 def partition_from_units(units: torch.Tensor, prob: torch.Tensor, threshold: float, min_region: int,
-                         emb: torch.Tensor | None = None, emb_weight: float = 0.0) -> torch.Tensor:
+                         emb: torch.Tensor | None = None, emb_weight: float = 0.0,
+                         voters: Voters | None = None) -> torch.Tensor:
     """`hierarchy_partition` of the units' own merge order, before upsampling: units (B,H,W) and the maps
     they were flooded on -> ids (B,H,W) int64, 1..n per slice (0 where the units have none)."""
-    merged = merge_below(units, prob, threshold, emb, emb_weight)
+    merged = merge_below(units, prob, threshold, emb, emb_weight, voters)
     # 4-connected pieces (a basin is only 8-connected), numbered in raster order, as `components` numbers them
     regions = compact(label_components(merged, units > 0, connectivity=4))
     return compact(cap_torch(merge_small_torch(regions, min_cells(min_region, units.shape[-1])), MAX_ID))
@@ -242,20 +265,21 @@ def partition_from_units(units: torch.Tensor, prob: torch.Tensor, threshold: flo
 
 def learned_partition_torch(boundary: torch.Tensor, threshold: float, min_region: int, out_size: int = 512,
                             emb: torch.Tensor | None = None, emb_weight: float = 0.0,
-                            min_regions: int = 0) -> torch.Tensor:
+                            min_regions: int = 0, voters: Voters | None = None) -> torch.Tensor:
     """`fsct.partition.learned_partition` in batched torch ops on the maps' device: boundary probabilities
     (B,h,w) (+ embeddings (B,C,h',w')) -> partitions (B,out_size,out_size) uint8, ids 1..n per slice."""
     prob = _work(boundary.float()[:, None])[:, 0]
     units = flood_torch(basins_torch(prob), prob).long()
-    e = _work(emb.float()) if emb is not None and emb_weight > 0 else None
-    part = partition_from_units(units, prob, threshold, min_region, e, emb_weight)
+    vote = voters is not None and voters.weight > 0
+    e = _work(emb.float()) if emb is not None and (emb_weight > 0 or vote) else None
+    part = partition_from_units(units, prob, threshold, min_region, e, emb_weight, voters)
     # `fsct.partition.floored`: only the slices under the floor are cut again, one lower threshold at a time
     for t in ladder(threshold, min_regions)[1:]:
         low = torch.nonzero(part.flatten(1).amax(1) < min_regions)[:, 0]
         if len(low) == 0:
             break
         part[low] = partition_from_units(units[low], prob[low], t, min_region, None if e is None else e[low],
-                                         emb_weight)
+                                         emb_weight, voters)
     if out_size != WORK_SIZE:
         part = F.interpolate(part[:, None].float(), size=(out_size, out_size), mode="nearest")[:, 0]
     return part.to(torch.uint8)

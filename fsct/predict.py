@@ -31,6 +31,7 @@ from fsct.malloc import keep_freed_memory
 from fsct.model.panet import PANet
 from fsct.progress import track
 from fsct.submission import write_submission
+from fsct.vote import Voters, load_voter_slices, support_voters
 
 OUT_SIZE = 512
 
@@ -121,7 +122,8 @@ def dense_maps(model: PANet, images: torch.Tensor, tta_flip: bool, image_size: i
 
 
 def model_draws_partition(cfg: PredictConfig) -> bool:
-    """The partition comes from a dense model alone (`learned`, `boundary`): no support prototypes."""
+    """The partition comes from a dense model (`learned`, `boundary`): no class prototypes (the support slices
+    only vote on `learned`'s merges, with predict.support_vote)."""
     return cfg.mode == "partition" and cfg.partition_split in ("learned", "boundary")
 
 
@@ -148,15 +150,16 @@ def framed_maps(model: PANet, images: torch.Tensor, cfg: PredictConfig, image_si
     return FramedMaps(prob, emb, seen, frames)
 
 
-def learned_masks(model: PANet, images: torch.Tensor, cfg: PredictConfig, image_size: int) -> np.ndarray:
+def learned_masks(model: PANet, images: torch.Tensor, cfg: PredictConfig, image_size: int,
+                  voters: Voters | None = None) -> np.ndarray:
     """A partition of uint8 (B,512,512) slices drawn from the model: `learned` (the watershed basins of its
-    boundary map merged by their borders and embeddings) or `boundary` (CPU superpixels merged where the model
-    sees no border)."""
+    boundary map merged by their borders and embeddings, and with `voters` by the support slices' vote) or
+    `boundary` (CPU superpixels merged where the model sees no border)."""
     from fsct.partition import boundary_merge_slice, learned_partition
 
     m = framed_maps(model, images, cfg, image_size)
     if cfg.partition_split == "learned":
-        return from_frames(learned_partition(m.prob, cfg, OUT_SIZE, m.emb), m.frames)
+        return from_frames(learned_partition(m.prob, cfg, OUT_SIZE, m.emb, voters), m.frames)
     full = F.interpolate(m.prob[:, None], size=(OUT_SIZE, OUT_SIZE), mode="bilinear", align_corners=False)[:, 0]
     imgs = m.seen.cpu().numpy()
     return from_frames(np.stack([boundary_merge_slice(im, p, cfg)
@@ -250,8 +253,12 @@ def _predict_locked(acc, checkpoint: Path, support: Path, images: Path, out: Pat
         if learned and not model.dense_head:
             raise FsctError(f"{checkpoint}: predict.partition_split={pcfg.partition_split} needs a model "
                             "trained with model.decoder=unet")
-        refine = protos = None
-        if not learned:  # the learned partition needs no support: its borders come from the model alone
+        refine = protos = voters = None
+        if learned and pcfg.partition_split == "learned" and pcfg.support_vote > 0:
+            with acc.autocast():  # the embeddings of the support as those of the queries below
+                voters = support_voters(model, *load_voter_slices(support, support_split, pcfg.vote_slices),
+                                        pcfg, cfg.data.image_size)
+        if not learned:  # the learned partition needs no class prototypes: its borders come from the model
             pool = load_split(support, support_split, size=cfg.data.image_size)
             protos = support_prototypes(model, pool, pcfg, dev)
             protos.protos = protos.protos.to(dev)
@@ -263,7 +270,8 @@ def _predict_locked(acc, checkpoint: Path, support: Path, images: Path, out: Pat
                             enabled=acc.is_local_main_process):
                 imgs = queries.load(ks)
                 if learned:
-                    masks.append(learned_masks(model, torch.from_numpy(imgs).to(dev), pcfg, cfg.data.image_size))
+                    masks.append(learned_masks(model, torch.from_numpy(imgs).to(dev), pcfg, cfg.data.image_size,
+                                               voters))
                     continue
                 labels, logits, feats = predict_batch(model, protos, torch.from_numpy(imgs).to(dev), pcfg,
                                                       cfg.data.image_size)

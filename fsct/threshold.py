@@ -13,6 +13,7 @@ import torch
 from fsct.body_scale import Frames, unframed
 from fsct.config import PredictConfig
 from fsct.metrics import official_score_slice
+from fsct.vote import Voters
 
 # 0.05 .. 0.7 by 0.025. With the embedding term, `learned` peaks near 0.15-0.3; with the border alone, near
 # 0.3-0.5. Past its best threshold the partition's score falls off a cliff within ~0.05 (two large structures
@@ -31,18 +32,19 @@ def ladder(threshold: float, min_regions: int) -> tuple[float, ...]:
 
 def threshold_scores(prob: torch.Tensor, images: np.ndarray, truths: np.ndarray, cfg: PredictConfig,
                      thresholds: tuple[float, ...], emb: torch.Tensor | None = None,
-                     frames: Frames | None = None) -> np.ndarray:
+                     frames: Frames | None = None, voters: Voters | None = None) -> np.ndarray:
     """Boundary probabilities (N,h,w), uint8 slices and true label maps (N,H,W) (+ the embeddings (N,C,h,w)
     `learned` merges by when cfg.embedding_weight > 0) -> official scores (T, N) of the configured partition
     (`learned` or `boundary`) at each threshold, at the truth's size. With `frames` (fsct.predict.framed_maps),
     the maps and `images` are the slices seen through their body-scale windows, and each partition is mapped
-    back to the truth's pixels before it is scored."""
+    back to the truth's pixels before it is scored. `voters` (fsct/vote.py): the support slices' vote in
+    `learned`'s merge cost (cfg.support_vote)."""
     from fsct.partition import boundary_hierarchy, floored, hierarchy_partition, learned_hierarchies
 
     size = truths.shape[-1]
     # One agglomeration per slice serves every threshold (each is a prefix of its merges).
     if cfg.partition_split == "learned":
-        hier = learned_hierarchies(prob, emb, cfg.embedding_weight)
+        hier = learned_hierarchies(prob, emb, cfg.embedding_weight, voters)
     else:
         full = torch.nn.functional.interpolate(prob.float()[:, None], size=(size, size), mode="bilinear",
                                                align_corners=False)[:, 0].cpu().numpy()

@@ -364,6 +364,8 @@ class ValSet:
     # dense models: the first `train.val_slices` val slices at their own size, partitioned and scored as
     # `fsct predict` and the official metric do (masks at 256 px move small structures' borders)
     slices: Pool | None = None
+    # predict.support_vote: the labelled train slices that vote on the partition's merges (images, masks)
+    support: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _val_setup(cfg: Config, shards: Path) -> ValSet | None:
@@ -385,7 +387,13 @@ def _val_setup(cfg: Config, shards: Path) -> ValSet | None:
     slices = None
     if cfg.model.decoder == "unet" and cfg.train.val_slices > 0 and pool.masks is not None:
         slices = load_split(shards, cfg.data.val_split, keys=set(pool.keys[: cfg.train.val_slices]))
-    return ValSet(sampler, PoolTensors.from_pool(pool), slices)
+    support = None
+    if slices is not None and cfg.predict.partition_split == "learned" and cfg.predict.support_vote > 0:
+        from fsct.vote import load_voter_slices
+
+        # what `fsct predict --support <these shards>` votes with (its default --support-split is train)
+        support = load_voter_slices(shards, cfg.data.train_split, cfg.predict.vote_slices)
+    return ValSet(sampler, PoolTensors.from_pool(pool), slices, support)
 
 
 @torch.no_grad()
@@ -442,7 +450,13 @@ def partition_scores(model: nn.Module, val: ValSet, cfg: Config, rank: int, worl
     images = slices.images[idx]
     # the maps predict will cut (flip TTA or not), so the threshold chosen here is the one that fits them
     m = framed_maps(model, torch.from_numpy(images).to(dev), cfg.predict, cfg.data.image_size)
-    scores = threshold_scores(m.prob, m.seen.cpu().numpy(), slices.masks[idx], cfg.predict, grid, m.emb, m.frames)
+    voters = None
+    if val.support is not None:
+        from fsct.vote import support_voters
+
+        voters = support_voters(model, *val.support, cfg.predict, cfg.data.image_size)
+    scores = threshold_scores(m.prob, m.seen.cpu().numpy(), slices.masks[idx], cfg.predict, grid, m.emb, m.frames,
+                              voters)
     return torch.tensor([*scores.sum(1), len(idx)], dtype=torch.float64)
 
 

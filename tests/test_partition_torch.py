@@ -30,6 +30,7 @@ from fsct.partition_torch import (
     merge_small_torch,
     partition_from_units,
 )
+from fsct.vote import Voters, pad_voters
 
 
 def smooth_maps(b: int, size: int, seed: int, k: int = 7) -> torch.Tensor:
@@ -68,27 +69,40 @@ def test_torch_basins_are_the_cpu_basins():
 
 
 def reference_partitions(units: np.ndarray, prob: np.ndarray, emb: np.ndarray | None, w: float, t: float,
-                         min_region: int) -> np.ndarray:
-    return np.stack([hierarchy_partition(Hierarchy(u, merge_sequence(u, p, None if emb is None else emb[i], w)),
+                         min_region: int, voters: Voters | None = None) -> np.ndarray:
+    return np.stack([hierarchy_partition(Hierarchy(u, merge_sequence(u, p, None if emb is None else emb[i], w,
+                                                                     voters)),
                                          t, min_region, out_size=u.shape[-1])
                      for i, (u, p) in enumerate(zip(units, prob, strict=True))])
 
 
-@pytest.mark.parametrize("emb_weight", [0.0, 0.6])
-def test_torch_merges_are_the_greedy_merge_orders_cut(emb_weight: float):
+def random_voters(channels: int, weight: float) -> Voters:
+    """Three support slices of 2-5 structures each, random directions in the embedding space."""
+    g = torch.Generator().manual_seed(9)
+    return pad_voters([torch.randn((n, channels), generator=g, dtype=torch.float64) for n in (2, 5, 3)],
+                      scale=20.0, weight=weight)
+
+
+@pytest.mark.parametrize(("emb_weight", "vote"), [(0.0, 0.0), (0.6, 0.0), (0.6, 0.25), (0.0, 0.5)])
+def test_torch_merges_are_the_greedy_merge_orders_cut(emb_weight: float, vote: float):
     """One batch of slices merged in tensor passes gives each slice exactly the partition its own greedy merge
-    order gives when cut at the same threshold (small regions folded and ids numbered alike)."""
+    order gives when cut at the same threshold (small regions folded and ids numbered alike), with the
+    embedding term and the support slices' vote too."""
     prob = smooth_maps(4, 64, seed=3, k=5)
     units = flood(basins(prob), prob).long()
     g = torch.Generator().manual_seed(4)
-    emb = torch.nn.functional.avg_pool2d(torch.randn((4, 8, 64, 64), generator=g), 9, 1, 4) if emb_weight else None
-    heights = np.concatenate([merge_sequence(u, p, None if emb is None else emb[i].numpy(), emb_weight)[:, 0]
+    use = emb_weight > 0 or vote > 0
+    emb = torch.nn.functional.avg_pool2d(torch.randn((4, 8, 64, 64), generator=g), 9, 1, 4) if use else None
+    voters = random_voters(8, vote) if vote else None
+    heights = np.concatenate([merge_sequence(u, p, None if emb is None else emb[i].numpy(), emb_weight,
+                                             voters)[:, 0]
                               for i, (u, p) in enumerate(zip(units.numpy(), prob.numpy(), strict=True))])
     for q in (0.2, 0.5, 0.8):  # thresholds inside the merge orders: some merges below, some above
         t = float(np.quantile(heights, q))
-        got = partition_from_units(units, prob, t, min_region=1024, emb=emb, emb_weight=emb_weight).numpy()
+        got = partition_from_units(units, prob, t, min_region=1024, emb=emb, emb_weight=emb_weight,
+                                   voters=voters).numpy()
         ref = reference_partitions(units.numpy(), prob.numpy(), None if emb is None else emb.numpy(), emb_weight,
-                                   t, 1024)
+                                   t, 1024, voters)
         assert 1 < len(np.unique(ref)) < int(units.max())
         np.testing.assert_array_equal(got, ref)
 

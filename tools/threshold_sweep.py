@@ -7,6 +7,7 @@ on val slices of a shard set (what training chooses the threshold on) or on a la
   ... predict.partition_split=learned                                          # predict overrides
   ... predict.min_regions=N             # a region floor (fsct.partition.floored); it prints the shards' own
   ... --oracle                          # also the oracle merge of the learned units and of the superpixels
+  ... predict.support_vote=0.25         # the shards' train slices vote on the merges (fsct/vote.py)
 
 Shows how many val slices a stable choice needs and whether the choice on val carries to test; --per-slice
 prints each slice's own best threshold.
@@ -105,6 +106,15 @@ def main() -> None:
         sets["val"] = val_slices(a.shards, a.split or cfg.data.val_split, a.slices)
     if a.data:
         sets["test"] = test_slices(a.data, a.slices)
+    voters = None
+    if cfg.predict.partition_split == "learned" and cfg.predict.support_vote > 0:
+        if not a.shards:
+            p.error("predict.support_vote > 0: give --shards (its train split's slices vote)")
+        from fsct.vote import load_voter_slices, support_voters
+
+        voters = support_voters(model, *load_voter_slices(a.shards, cfg.data.train_split, cfg.predict.vote_slices),
+                                cfg.predict, cfg.data.image_size)
+        print(f"support vote {cfg.predict.support_vote}: {len(voters.protos)} slices of {a.shards}")
     print(f"partition_split={cfg.predict.partition_split}; saved threshold {cfg.predict.boundary_threshold}; "
           f"region floor (predict.min_regions) {cfg.predict.min_regions}")
     if a.shards:  # what training on these shards sets the floor to (models trained before it have 0)
@@ -113,7 +123,8 @@ def main() -> None:
     curves = {}
     for name, (images, truth) in sets.items():
         m = framed_maps(model, images, cfg.predict, cfg.data.image_size, batch=8)
-        scores = threshold_scores(m.prob, m.seen.numpy(), truth, cfg.predict, GRID, m.emb, m.frames)  # (T, slices)
+        scores = threshold_scores(m.prob, m.seen.numpy(), truth, cfg.predict, GRID, m.emb, m.frames,
+                                  voters)  # (T, slices)
         if cfg.predict.body_size > 0:
             print(f"{name}: {int(m.frames.moved.sum())} of {len(images)} slices seen through a body-scale window "
                   f"(predict.body_size {cfg.predict.body_size:.3f}, ratios {_ratios(m)})")
