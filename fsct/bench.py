@@ -16,8 +16,9 @@ Both fsct measurements run `fsct.engine.train_step`, the trainer's own step, thr
 Accelerator: a change to training is measured as it is.
 predict: slices/s of `fsct predict`'s work: support prototypes once, then batches of 512x512 uint8 slices
 through `predict_batch` (resize, features, cosine logits, upsampling to 512, argmax, copy to the host); for a
-dense model predicting the learned partition, `learned_masks` (maps, basins, flood, merges, 512 px ids on the
-host), with `--compare-partition-ops` once on the CPU path and once as batched torch ops.
+dense model predicting the learned partition, the support vote's prototypes once (with predict.support_vote),
+then `learned_masks` (maps, basins, flood, merges, 512 px ids on the host), with `--compare-partition-ops`
+once on the CPU path and once as batched torch ops.
 
 FLOPs of one episode are counted by torch's FlopCounterMode on an eager copy of the model (forward and
 backward; it counts convolutions and matrix products, which are nearly all of the work). Timings drain the
@@ -513,6 +514,7 @@ def fresh_checkpoint(cfg: Config, folder: Path) -> Path:
 def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
     from fsct.data.pool import load_split, read_index
     from fsct.predict import learned_masks, model_draws_partition, predict_batch, support_prototypes
+    from fsct.vote import load_voter_slices, support_voters
 
     if args.slices < 1 or args.warmup < 0:
         raise FsctError(f"--slices {args.slices} / --warmup {args.warmup}: need slices >= 1 and warmup >= 0")
@@ -535,6 +537,10 @@ def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
         splits = read_index(shards)["splits"]
         q_split = args.images_split if args.images_split in splits else cfg.data.train_split
         support = None if learned else load_split(shards, args.support_split, size=cfg.data.image_size)
+        # the learned partition's support vote (predict.support_vote): its slices' prototypes once, as `fsct
+        # predict` makes them, timed with the class models' prototypes
+        vote = learned and cfg.predict.partition_split == "learned" and cfg.predict.support_vote > 0
+        voting = load_voter_slices(shards, args.support_split, cfg.predict.vote_slices) if vote else None
         queries = load_split(shards, q_split)  # full size: what `fsct predict` reads
     # More slices than the split holds: the same ones again (speed does not depend on which).
     order = np.arange(args.slices) % len(queries)
@@ -546,9 +552,14 @@ def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
         """Prototypes (class models), then n batches; returns the prototype seconds."""
         t0 = time.perf_counter()
         if learned:
+            voters, proto_s = None, 0.0
+            if voting is not None:
+                voters = support_voters(model, *voting, pcfg, cfg.data.image_size)
+                sync(dev)
+                proto_s = time.perf_counter() - t0
             for b in batches[:n_batches]:
-                learned_masks(model, torch.from_numpy(b).to(dev), pcfg, cfg.data.image_size)
-            return 0.0
+                learned_masks(model, torch.from_numpy(b).to(dev), pcfg, cfg.data.image_size, voters)
+            return proto_s
         protos = support_prototypes(model, support, pcfg, dev)
         protos.protos = protos.protos.to(dev)
         sync(dev)
@@ -572,7 +583,8 @@ def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
             proto_s = run_all(len(batches), pcfg)
             sync(dev)
             seconds = time.perf_counter() - t0
-        extra = {"prototype_s": proto_s, "support_slices": 0 if learned else len(support), "query_split": q_split,
+        n_support = len(voting[0]) if voting is not None else 0 if learned else len(support)
+        extra = {"prototype_s": proto_s, "support_slices": n_support, "query_split": q_split,
                  "distinct_query_slices": len(queries), "batch_size": bs}
         if learned:
             extra["partition_ops"] = pcfg.partition_ops
@@ -589,7 +601,8 @@ def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
                      "variant": cfg.model.variant, "channels_last": cfg.model.channels_last,
                      "precision": args.mixed_precision, "tta_flip": cfg.predict.tta_flip,
                      "k_shot": cfg.predict.k_shot, "warmup": args.warmup,
-                     "mode": cfg.predict.mode, "partition_split": cfg.predict.partition_split},
+                     "mode": cfg.predict.mode, "partition_split": cfg.predict.partition_split,
+                     "support_vote": cfg.predict.support_vote},
         "results": rows,
     }
 

@@ -82,20 +82,32 @@ def test_bench_predict_cpu(shards: Path, tmp_path: Path):
 
 
 def test_bench_predict_times_the_learned_partition_both_ways(shards: Path, tmp_path: Path):
-    """A dense model predicting the learned partition: no prototypes, one row per partition_ops."""
+    """A dense model predicting the learned partition, one row per partition_ops: the recipe's support vote
+    makes its prototypes from the support split's labelled slices once (timed); without the vote there are
+    none."""
+    from fsct.vote import voter_keys
+
+    tiny = ["data.image_size=64", "model.feature_dim=16", "model.decoder_dim=16", "predict.batch_size=4"]
     out = tmp_path / "predict.json"
     r = fsct("bench", "predict", "--device", "cpu", "--config", str(REPO / "configs" / "partition_cpu.yaml"),
              "--shards", str(shards), "--slices", "4", "--warmup", "0", "--compare-partition-ops", "--out", str(out),
-             "data.image_size=64", "model.feature_dim=16", "model.decoder_dim=16", "predict.batch_size=4")
+             *tiny)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["settings"]["partition_split"] == "learned"
     rows = res["results"]
     assert set(rows) == {"predict_numpy", "predict_torch"}
+    voting = len(voter_keys(shards, "train", 32))
     for ops, row in (("numpy", rows["predict_numpy"]), ("torch", rows["predict_torch"])):
-        assert row["partition_ops"] == ops and row["timed"] == 4 and row["prototype_s"] == 0
-        assert row["support_slices"] == 0 and positive(row["slices_per_s"])
+        assert row["partition_ops"] == ops and row["timed"] == 4 and 0 < row["prototype_s"] < row["seconds"]
+        assert row["support_slices"] == voting > 2 and positive(row["slices_per_s"])
         assert row["slices_per_s"] == pytest.approx(4 / row["seconds"])
+    r = fsct("bench", "predict", "--device", "cpu", "--config", str(REPO / "configs" / "partition_cpu.yaml"),
+             "--shards", str(shards), "--slices", "4", "--warmup", "0", "--out", str(tmp_path / "off.json"), *tiny,
+             "predict.support_vote=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((tmp_path / "off.json").read_text())["results"]["predict"]
+    assert row["prototype_s"] == 0 and row["support_slices"] == 0
 
 
 def test_missing_seed_baseline_is_a_one_line_error(tmp_path: Path):
