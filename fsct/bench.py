@@ -514,7 +514,7 @@ def fresh_checkpoint(cfg: Config, folder: Path) -> Path:
 def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
     from fsct.data.pool import load_split, read_index
     from fsct.predict import learned_masks, model_draws_partition, predict_batch, support_prototypes
-    from fsct.vote import load_voter_slices, support_voters
+    from fsct.vote import load_voter_slices, support_voters, vote_on
 
     if args.slices < 1 or args.warmup < 0:
         raise FsctError(f"--slices {args.slices} / --warmup {args.warmup}: need slices >= 1 and warmup >= 0")
@@ -539,7 +539,7 @@ def bench_predict(args: argparse.Namespace) -> dict[str, Any]:
         support = None if learned else load_split(shards, args.support_split, size=cfg.data.image_size)
         # the learned partition's support vote (predict.support_vote): its slices' prototypes once, as `fsct
         # predict` makes them, timed with the class models' prototypes
-        vote = learned and cfg.predict.partition_split == "learned" and cfg.predict.support_vote > 0
+        vote = learned and vote_on(cfg.predict)
         voting = load_voter_slices(shards, args.support_split, cfg.predict.vote_slices) if vote else None
         queries = load_split(shards, q_split)  # full size: what `fsct predict` reads
     # More slices than the split holds: the same ones again (speed does not depend on which).

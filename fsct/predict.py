@@ -31,7 +31,7 @@ from fsct.malloc import keep_freed_memory
 from fsct.model.panet import PANet
 from fsct.progress import track
 from fsct.submission import write_submission
-from fsct.vote import Voters, load_voter_slices, support_voters
+from fsct.vote import Voters, shard_voters, vote_on
 
 OUT_SIZE = 512
 
@@ -254,10 +254,9 @@ def _predict_locked(acc, checkpoint: Path, support: Path, images: Path, out: Pat
             raise FsctError(f"{checkpoint}: predict.partition_split={pcfg.partition_split} needs a model "
                             "trained with model.decoder=unet")
         refine = protos = voters = None
-        if learned and pcfg.partition_split == "learned" and pcfg.support_vote > 0:
+        if learned and vote_on(pcfg):
             with acc.autocast():  # the embeddings of the support as those of the queries below
-                voters = support_voters(model, *load_voter_slices(support, support_split, pcfg.vote_slices),
-                                        pcfg, cfg.data.image_size)
+                voters = shard_voters(model, support, support_split, pcfg, cfg.data.image_size)
         if not learned:  # the learned partition needs no class prototypes: its borders come from the model
             pool = load_split(support, support_split, size=cfg.data.image_size)
             protos = support_prototypes(model, pool, pcfg, dev)

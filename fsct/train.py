@@ -38,6 +38,7 @@ from fsct.metrics import episode_miou, official_score_slice
 from fsct.model.panet import build_model
 from fsct.progress import StepProgress
 from fsct.runs import EpisodeAudit, prepare_run_dir, truncate_metrics, write_json, write_text
+from fsct.vote import load_voter_slices, support_voters, vote_on
 
 
 @dataclass
@@ -388,9 +389,7 @@ def _val_setup(cfg: Config, shards: Path) -> ValSet | None:
     if cfg.model.decoder == "unet" and cfg.train.val_slices > 0 and pool.masks is not None:
         slices = load_split(shards, cfg.data.val_split, keys=set(pool.keys[: cfg.train.val_slices]))
     support = None
-    if slices is not None and cfg.predict.partition_split == "learned" and cfg.predict.support_vote > 0:
-        from fsct.vote import load_voter_slices
-
+    if slices is not None and vote_on(cfg.predict):
         # what `fsct predict --support <these shards>` votes with (its default --support-split is train)
         support = load_voter_slices(shards, cfg.data.train_split, cfg.predict.vote_slices)
     return ValSet(sampler, PoolTensors.from_pool(pool), slices, support)
@@ -450,11 +449,7 @@ def partition_scores(model: nn.Module, val: ValSet, cfg: Config, rank: int, worl
     images = slices.images[idx]
     # the maps predict will cut (flip TTA or not), so the threshold chosen here is the one that fits them
     m = framed_maps(model, torch.from_numpy(images).to(dev), cfg.predict, cfg.data.image_size)
-    voters = None
-    if val.support is not None:
-        from fsct.vote import support_voters
-
-        voters = support_voters(model, *val.support, cfg.predict, cfg.data.image_size)
+    voters = None if val.support is None else support_voters(model, *val.support, cfg.predict, cfg.data.image_size)
     scores = threshold_scores(m.prob, m.seen.cpu().numpy(), slices.masks[idx], cfg.predict, grid, m.emb, m.frames,
                               voters)
     return torch.tensor([*scores.sum(1), len(idx)], dtype=torch.float64)

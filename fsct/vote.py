@@ -48,6 +48,11 @@ class Voters:
         return Voters(self.protos.to(device), self.valid.to(device), self.scale, self.weight)
 
 
+def vote_on(cfg: PredictConfig) -> bool:
+    """Whether the `learned` partition's merges take the support slices' vote."""
+    return cfg.partition_split == "learned" and cfg.support_vote > 0
+
+
 def agreement(pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
     """Two stacks of `Voters.probs` (N, J, S) -> agree (N,): how often, in expectation, a support slice calls
     both regions the same structure."""
@@ -118,3 +123,9 @@ def support_voters(model: torch.nn.Module, images: np.ndarray, masks: np.ndarray
                           size=(WORK_SIZE, WORK_SIZE), mode="nearest")[:, 0]
         protos += prototypes_from_maps(_work(emb.float()), m, min_cells(cfg.min_region, WORK_SIZE))
     return pad_voters(protos, float(getattr(model, "scale", 1.0)), cfg.support_vote)
+
+
+def shard_voters(model: torch.nn.Module, shards: Path, split: str, cfg: PredictConfig, image_size: int) -> Voters:
+    """`support_voters` of the slices of a shard split that `voter_keys` picks (what `fsct predict --support`
+    votes with)."""
+    return support_voters(model, *load_voter_slices(shards, split, cfg.vote_slices), cfg, image_size)

@@ -40,7 +40,7 @@ from fsct.partition import (  # noqa: E402
 )
 from fsct.partition_torch import basins_torch, partition_from_units  # noqa: E402
 from fsct.predict import dense_maps  # noqa: E402
-from fsct.vote import load_voter_slices, support_voters  # noqa: E402
+from fsct.vote import shard_voters, vote_on  # noqa: E402
 
 
 def timed(fn, dev: torch.device) -> tuple[object, float]:
@@ -71,11 +71,10 @@ def main() -> None:
     prob, emb = (torch.cat(m) for m in zip(*maps, strict=True))
     w = pc.embedding_weight
     voters = None
-    if pc.partition_split == "learned" and pc.support_vote > 0:
+    if vote_on(pc):
         if a.shards is None:
             p.error(f"the model sets predict.support_vote={pc.support_vote}: give --shards")
-        voters = support_voters(model, *load_voter_slices(a.shards, cfg.data.train_split, pc.vote_slices), pc,
-                                cfg.data.image_size)
+        voters = shard_voters(model, a.shards, cfg.data.train_split, pc, cfg.data.image_size)
     work_prob = _work(prob[:, None])[:, 0]
     work_emb = _work(emb) if w > 0 or voters is not None else None
     units = flood(basins(work_prob), work_prob).long()

@@ -30,6 +30,7 @@ from fsct.data.pool import load_split, read_index
 from fsct.metrics import official_score_slice
 from fsct.predict import FramedMaps, framed_maps
 from fsct.threshold import GRID, region_floor, threshold_scores
+from fsct.vote import shard_voters, vote_on
 
 
 def val_slices(shards: Path, split: str, n: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -107,13 +108,10 @@ def main() -> None:
     if a.data:
         sets["test"] = test_slices(a.data, a.slices)
     voters = None
-    if cfg.predict.partition_split == "learned" and cfg.predict.support_vote > 0:
+    if vote_on(cfg.predict):
         if not a.shards:
             p.error("predict.support_vote > 0: give --shards (its train split's slices vote)")
-        from fsct.vote import load_voter_slices, support_voters
-
-        voters = support_voters(model, *load_voter_slices(a.shards, cfg.data.train_split, cfg.predict.vote_slices),
-                                cfg.predict, cfg.data.image_size)
+        voters = shard_voters(model, a.shards, cfg.data.train_split, cfg.predict, cfg.data.image_size)
         print(f"support vote {cfg.predict.support_vote}: {len(voters.protos)} slices of {a.shards}")
     print(f"partition_split={cfg.predict.partition_split}; saved threshold {cfg.predict.boundary_threshold}; "
           f"region floor (predict.min_regions) {cfg.predict.min_regions}")
