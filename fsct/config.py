@@ -154,9 +154,6 @@ class PredictConfig:
     # Up to vote_slices labelled slices of the support's split vote, evenly spread over its keys.
     support_vote: float = 0.0
     vote_slices: int = 32
-    # learned, with support_vote: each region weighs a support slice's vote by how well the slice's best
-    # structure matches it (softmax over slices of cosine x the model's scale), not every slice alike
-    vote_attend: bool = False
     # boundary/learned: a slice cut into fewer regions than this is cut again at the next lower threshold of
     # fsct.threshold.GRID, until it has as many (0 = no floor). Training sets it (train.region_floor).
     min_regions: int = 0

@@ -35,25 +35,17 @@ class Voters:
     valid: torch.Tensor  # (J, S) bool
     scale: float  # the model's cosine scale: the sharpness its prototype loss trained
     weight: float  # w of the merge cost
-    attend: bool = False  # each region listens most to the slices whose structures match it best
 
     def probs(self, vec: torch.Tensor) -> torch.Tensor:
         """Summed (or mean) region embeddings (N, C) -> each support slice's softmax over its structures
-        and, last, the weight the region gives that slice's vote (N, J, S + 1), float64."""
+        (N, J, S), float64."""
         e = vec.double()
         e = e / (e.norm(dim=1, keepdim=True) + 1e-12)
         logits = self.scale * torch.einsum("nc,jsc->njs", e, self.protos.to(e.device))
-        logits = logits.masked_fill(~self.valid.to(e.device), float("-inf"))
-        if self.attend:
-            # a slice from another body level has no prototype for the region and its softmax is a guess
-            # among strangers; the slice that holds the region's structure matches it best
-            listen = logits.amax(-1).softmax(-1)
-        else:
-            listen = logits.new_full(logits.shape[:2], 1.0 / logits.shape[1])
-        return torch.cat([logits.softmax(-1), listen[..., None]], -1)
+        return logits.masked_fill(~self.valid.to(e.device), float("-inf")).softmax(-1)
 
     def to(self, device: torch.device | str) -> Voters:
-        return Voters(self.protos.to(device), self.valid.to(device), self.scale, self.weight, self.attend)
+        return Voters(self.protos.to(device), self.valid.to(device), self.scale, self.weight)
 
 
 def vote_on(cfg: PredictConfig) -> bool:
@@ -62,11 +54,9 @@ def vote_on(cfg: PredictConfig) -> bool:
 
 
 def agreement(pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
-    """Two stacks of `Voters.probs` (N, J, S + 1) -> agree (N,): how often, in expectation, a support slice
-    calls both regions the same structure, the slices weighed by how much both regions listen to them."""
-    listen = pa[..., -1] * pb[..., -1]
-    same = (pa[..., :-1] * pb[..., :-1]).sum(-1)
-    return (listen * same).sum(1) / listen.sum(1).clamp_min(1e-300)
+    """Two stacks of `Voters.probs` (N, J, S) -> agree (N,): how often, in expectation, a support slice calls
+    both regions the same structure."""
+    return (pa * pb).sum((1, 2)) / pa.shape[1]
 
 
 def voter_keys(shards: Path, split: str, limit: int) -> list[str]:
@@ -101,7 +91,7 @@ def prototypes_from_maps(emb: torch.Tensor, masks: torch.Tensor, min_cells: int)
     return out
 
 
-def pad_voters(protos: list[torch.Tensor], scale: float, weight: float, attend: bool = False) -> Voters:
+def pad_voters(protos: list[torch.Tensor], scale: float, weight: float) -> Voters:
     """Per-slice prototype stacks -> `Voters`; slices with fewer than two structures cannot vote and are left
     out."""
     protos = [p for p in protos if len(p) >= 2]
@@ -113,7 +103,7 @@ def pad_voters(protos: list[torch.Tensor], scale: float, weight: float, attend: 
     for i, p in enumerate(protos):
         block[i, : len(p)] = p
         valid[i, : len(p)] = True
-    return Voters(block, valid, scale, weight, attend)
+    return Voters(block, valid, scale, weight)
 
 
 @torch.no_grad()
@@ -132,7 +122,7 @@ def support_voters(model: torch.nn.Module, images: np.ndarray, masks: np.ndarray
         m = F.interpolate(torch.from_numpy(masks[i:i + batch]).to(dev)[:, None].float(),
                           size=(WORK_SIZE, WORK_SIZE), mode="nearest")[:, 0]
         protos += prototypes_from_maps(_work(emb.float()), m, min_cells(cfg.min_region, WORK_SIZE))
-    return pad_voters(protos, float(getattr(model, "scale", 1.0)), cfg.support_vote, cfg.vote_attend)
+    return pad_voters(protos, float(getattr(model, "scale", 1.0)), cfg.support_vote)
 
 
 def shard_voters(model: torch.nn.Module, shards: Path, split: str, cfg: PredictConfig, image_size: int) -> Voters:

@@ -76,17 +76,15 @@ def reference_partitions(units: np.ndarray, prob: np.ndarray, emb: np.ndarray | 
                      for i, (u, p) in enumerate(zip(units, prob, strict=True))])
 
 
-def random_voters(channels: int, weight: float, attend: bool = False) -> Voters:
+def random_voters(channels: int, weight: float) -> Voters:
     """Three support slices of 2-5 structures each, random directions in the embedding space."""
     g = torch.Generator().manual_seed(9)
     return pad_voters([torch.randn((n, channels), generator=g, dtype=torch.float64) for n in (2, 5, 3)],
-                      scale=20.0, weight=weight, attend=attend)
+                      scale=20.0, weight=weight)
 
 
-@pytest.mark.parametrize(("emb_weight", "vote", "attend"),
-                         [(0.0, 0.0, False), (0.6, 0.0, False), (0.6, 0.25, False), (0.0, 0.5, False),
-                          (0.6, 0.25, True)])
-def test_torch_merges_are_the_greedy_merge_orders_cut(emb_weight: float, vote: float, attend: bool):
+@pytest.mark.parametrize(("emb_weight", "vote"), [(0.0, 0.0), (0.6, 0.0), (0.6, 0.25), (0.0, 0.5)])
+def test_torch_merges_are_the_greedy_merge_orders_cut(emb_weight: float, vote: float):
     """One batch of slices merged in tensor passes gives each slice exactly the partition its own greedy merge
     order gives when cut at the same threshold (small regions folded and ids numbered alike), with the
     embedding term and the support slices' vote too."""
@@ -95,7 +93,7 @@ def test_torch_merges_are_the_greedy_merge_orders_cut(emb_weight: float, vote: f
     g = torch.Generator().manual_seed(4)
     use = emb_weight > 0 or vote > 0
     emb = torch.nn.functional.avg_pool2d(torch.randn((4, 8, 64, 64), generator=g), 9, 1, 4) if use else None
-    voters = random_voters(8, vote, attend) if vote else None
+    voters = random_voters(8, vote) if vote else None
     heights = np.concatenate([merge_sequence(u, p, None if emb is None else emb[i].numpy(), emb_weight,
                                              voters)[:, 0]
                               for i, (u, p) in enumerate(zip(units.numpy(), prob.numpy(), strict=True))])

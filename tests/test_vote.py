@@ -25,11 +25,11 @@ from fsct.vote import (
 from tests.test_dense import dense_cfg
 
 
-def two_slice_voters(weight: float = 0.5, attend: bool = False) -> Voters:
+def two_slice_voters(weight: float = 0.5) -> Voters:
     """Two support slices over 3-d embeddings: one draws structures along axis 0 and 1, the other along 0, 1
     and 2 (ids mean nothing across them)."""
     eye = torch.eye(3, dtype=torch.float64)
-    return pad_voters([eye[:2], eye[[2, 1, 0]]], scale=20.0, weight=weight, attend=attend)
+    return pad_voters([eye[:2], eye[[2, 1, 0]]], scale=20.0, weight=weight)
 
 
 def test_agreement_is_how_often_a_support_slice_calls_both_regions_one_structure():
@@ -37,8 +37,7 @@ def test_agreement_is_how_often_a_support_slice_calls_both_regions_one_structure
     assert v.protos.shape == (2, 3, 3) and v.valid.tolist() == [[True, True, False], [True, True, True]]
     x = torch.tensor([[1.0, 0.1, 0.0], [3.0, 0.2, 0.1], [0.1, 1.0, 0.0], [0.0, 0.0, 1.0]])
     p = v.probs(x)
-    np.testing.assert_allclose(p[..., :-1].sum(-1).numpy(), 1.0)  # a softmax within each slice
-    np.testing.assert_allclose(p[..., -1].numpy(), 0.5)  # every slice's vote counts alike
+    np.testing.assert_allclose(p.sum(-1).numpy(), 1.0)  # a softmax within each slice
     assert (p[:, 0, 2] == 0).all()  # padding never takes a vote
     same = agreement(p[[0]], p[[1]])  # the same structure at another scale: the embedding's norm is not used
     apart = agreement(p[[0]], p[[2]])
@@ -46,25 +45,6 @@ def test_agreement_is_how_often_a_support_slice_calls_both_regions_one_structure
     split = agreement(p[[0]], p[[3]])
     assert same > 0.99 and apart < 0.01
     assert 0.2 < split < 0.3
-
-
-def test_with_attend_the_slice_that_holds_the_regions_structure_decides():
-    v = two_slice_voters(attend=True)
-    x = torch.tensor([[1.0, 0.1, 0.0], [3.0, 0.2, 0.1], [0.1, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.1, 1.0]])
-    p = v.probs(x)
-    np.testing.assert_allclose(p[..., -1].sum(-1).numpy(), 1.0)  # a region's attention over the slices
-    assert p[3, 1, -1] > 0.99  # only slice 1 has a structure along axis 2
-    # slice 0 cannot tell axis 2 from axis 0 and guesses; it no longer dilutes slice 1's "apart"
-    assert agreement(p[[0]], p[[3]]) < 0.01
-    assert agreement(p[[0]], p[[1]]) > 0.99 and agreement(p[[0]], p[[2]]) < 0.01
-    assert agreement(p[[3]], p[[4]]) > 0.99  # both listen to slice 1, which calls them one structure
-    # a slice at another body level that splits a structure its neighbours call whole is outvoted by them
-    half = torch.tensor([[0.0, 0.95, 0.31], [0.0, 0.95, -0.31]], dtype=torch.float64)
-    here = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
-    elsewhere = torch.tensor([[0.0, 0.6, 0.8], [0.0, 0.6, -0.8]], dtype=torch.float64)
-    for attend, lo, hi in ((False, 0.45, 0.55), (True, 0.98, 1.0)):
-        q = pad_voters([here, elsewhere], 20.0, 0.25, attend).probs(half)
-        assert lo < float(agreement(q[[0]], q[[1]])) < hi
 
 
 def test_the_vote_keeps_apart_what_the_support_slices_tell_apart():
