@@ -111,6 +111,9 @@ class TrainConfig:
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
     save_every: int = 200
     keep_checkpoints: int = 2
+    # > 0: validation, best/ and the model file use a moving average of the weights with this decay per step
+    # (fsct/ema.py); each checkpoint also holds it as ema.safetensors. 0 = the trained weights themselves
+    ema_decay: float = 0.0
     val_slices: int = 8  # dense models: val slices partitioned and scored on the official metric (val/ari_fg)
     tune_threshold: bool = True  # dense models: predict.boundary_threshold chosen on val, saved with the model
     # dense models: predict.min_regions = the median number of structures (>= predict.min_region pixels) of

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,13 @@ from fsct.checkpoint import checkpoints, find_checkpoint, load_checkpoint, save_
 from fsct.config import Config, load_config, save_config, to_dict
 from fsct.data.episodes import Batch, EpisodeSampler, PoolTensors, TrainSource, load_train_data, make_batch
 from fsct.data.pool import Pool, key_order, load_split, read_index, split_info
+from fsct.ema import WeightAverage
 from fsct.engine import StepResult, make_accelerator, make_optimizer, train_step
 from fsct.errors import FsctError
 from fsct.lock import locked
 from fsct.malloc import keep_freed_memory
 from fsct.metrics import episode_miou, official_score_slice
-from fsct.model.panet import build_model
+from fsct.model.panet import PANet, build_model
 from fsct.progress import StepProgress
 from fsct.runs import EpisodeAudit, prepare_run_dir, truncate_metrics, write_json, write_text
 from fsct.vote import load_voter_slices, support_voters, vote_on
@@ -100,6 +101,7 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
     val = _val_setup(cfg, Path(cfg.data.shards))
     model = build_model(cfg.model)
     model, opt = run.acc.prepare(model, make_optimizer(model, cfg, run.acc.device))
+    start_average(run, model)
     state, ckpt = resume_state(run, resume)
     start_tracking(run, state)
     audit = EpisodeAudit.load(ckpt, run.rank, data.share_keys)  # what this rank trained on: rank{r}.json
@@ -109,6 +111,8 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
     while state.step < cfg.train.max_steps:
         result = train_step(run.acc, model, opt, next_batch, state.step, cfg)
         state.step += 1
+        if run.ema is not None:
+            run.ema.update(run.acc.unwrap_model(model))
         audit.end_step()
         log_step(run, state.step, result)
         if validation_due(cfg, state.step, val) and validate_and_keep_best(run, model, val, state):
@@ -134,6 +138,11 @@ class Run:
     last_panel: int = -1  # step of the last W&B image panel
     log_t: float = 0.0  # throughput since the last log line
     log_eps: int = 0
+    ema: WeightAverage | None = None  # train.ema_decay > 0
+
+    def served(self, model: nn.Module) -> nn.Module:
+        """The weights validation scores and the model files hold: the average when there is one."""
+        return model if self.ema is None else self.ema.model
 
     @property
     def rank(self) -> int:
@@ -175,6 +184,15 @@ def start_run(cfg: Config) -> Run:
         save_config(cfg, out / "config.yaml")
         (out / "DONE").unlink(missing_ok=True)
     return run
+
+
+def start_average(run: Run, model: nn.Module) -> None:
+    """The weight average (train.ema_decay), in Accelerate's checkpoints from here on (before any resume
+    loads them)."""
+    if run.cfg.train.ema_decay > 0:
+        fresh = PANet(replace(run.cfg.model, compile=False, pretrained="")).to(run.acc.device)
+        run.ema = WeightAverage(fresh, run.acc.unwrap_model(model), run.cfg.train.ema_decay)
+        run.acc.register_for_checkpointing(run.ema)
 
 
 def resume_state(run: Run, resume: str | None) -> tuple[TrainerState, Path | None]:
@@ -248,7 +266,7 @@ def validation_due(cfg: Config, step: int, val: ValSet | None) -> bool:
 def validate_and_keep_best(run: Run, model: nn.Module, val: ValSet, state: TrainerState) -> bool:
     """Validate, log, save best/ on a new best; True when patience has run out (early stop)."""
     cfg, acc, step = run.cfg, run.acc, state.step
-    metrics, panel = validate(acc, model, val, cfg)
+    metrics, panel = validate(acc, run.served(model), val, cfg)
     acc.log(metrics, step=step)
     _append_metrics(run, step, metrics)
     if cfg.train.tracker == "wandb" and acc.is_main_process and panel and launch.image_panel_due(
@@ -273,6 +291,8 @@ def checkpoint(run: Run, state: TrainerState, audit: EpisodeAudit, data: TrainSo
     def save_rank(folder: Path) -> None:
         audit.save(folder, run.rank, state.step)
         data.save(folder, run.rank)
+        if run.ema is not None and run.acc.is_main_process:
+            run.ema.save(folder)
 
     save_checkpoint(run.acc, run.out, state.step, asdict(state), run.cfg.train.keep_checkpoints, save_rank)
 
@@ -330,7 +350,7 @@ def peak_rss_mb() -> float | None:
 
 def _save_model(run: Run, model: nn.Module, folder: Path) -> None:
     if run.acc.is_main_process:
-        save_model(run.acc.unwrap_model(model), run.cfg, folder)
+        save_model(run.acc.unwrap_model(run.served(model)), run.cfg, folder)
 
 
 def stop_requested(run: Run) -> bool:

@@ -59,6 +59,18 @@ def wandb_history(run_file: Path) -> list[dict[str, str]]:
     return rows
 
 
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def rank_json(out: Path, r: int) -> dict:
     return json.loads((out / f"rank{r}.json").read_text())
 
@@ -84,7 +96,8 @@ def test_two_process_ddp(shards: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted(shards: Path, tmp_path: Path):
-    steps = ["train.max_steps=24", "train.save_every=0"]
+    """With the weight average on (train.ema_decay): the average resumes too, and it is the model file."""
+    steps = ["train.max_steps=24", "train.save_every=0", "train.ema_decay=0.9"]
     ref = tmp_path / "ref"
     r = subprocess.run(train_cmd(shards, ref, *steps), capture_output=True, text=True, env=fsct_env(),
                        timeout=600)
@@ -111,6 +124,11 @@ def test_sigterm_then_resume_matches_uninterrupted(shards: Path, tmp_path: Path)
     assert f"step {cut_at + 1}/24" in r.stdout and "step 1/24" not in r.stdout
     assert rank_json(out, 0)["state"] == rank_json(ref, 0)["state"]  # weights and BN statistics
     assert (out / "DONE").is_file() and not (out / "PREEMPTED").exists()
+    model, last = load_file(ref / "model.safetensors"), ref / "checkpoints" / "step_00000024"
+    assert_same_tensors(load_file(out / "model.safetensors"), model)  # the average resumed exactly
+    assert_same_tensors(load_file(last / "ema.safetensors"), model)
+    trained = load_file(last / "model.safetensors")  # Accelerate's state: the trained weights, not the average
+    assert trained.keys() == model.keys() and not all(torch.equal(trained[k], model[k]) for k in model)
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ import numpy as np
 
 from fsct.data.challenge import list_images, read_image, read_labels
 from fsct.data.superpixels import body_mask, superpixels
+from fsct.ema import FILE as EMA_FILE
 from fsct.metrics import official_score_slice
 from fsct.viz import line_chart
 
@@ -95,7 +96,9 @@ def curve(name: str, overrides: list[str], a: argparse.Namespace, shards: Path) 
         score_file = model / "score.json"
         if not score_file.is_file():
             model.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ckpt / "model.safetensors", model / "model.safetensors")
+            # a run with train.ema_decay validates and ships the weight average: score that
+            weights = ckpt / EMA_FILE if (ckpt / EMA_FILE).is_file() else ckpt / "model.safetensors"
+            shutil.copyfile(weights, model / "model.safetensors")
             shutil.copyfile(run / "config.yaml", model / "config.yaml")
             sub = model / "submission.csv"
             sub.unlink(missing_ok=True)

@@ -1,0 +1,58 @@
+"""A moving average of the trained weights (`train.ema_decay`): what training validates, keeps as best/ and
+saves as the model, when on.
+
+With a few hundred steps of a few episodes each, the weights at any one step carry the noise of the last
+steps' episodes, and a checkpoint's score moves by several points from one validation to the next
+(docs/RESULTS.md). The average over the last ~1 / (1 - decay) steps smooths that noise out. The trained
+weights themselves are untouched: the optimizer, the gradients and resuming see only them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+FILE = "ema.safetensors"  # beside model.safetensors in each training checkpoint: the average at that step
+
+
+class WeightAverage:
+    """A second model holding the average, started from the trained one's weights; Accelerate checkpoints it
+    (state_dict)."""
+
+    def __init__(self, average: nn.Module, trained: nn.Module, decay: float) -> None:
+        # a fresh module, not a deepcopy: a module compiled in place would carry a compiled call of the
+        # original's forward into its copy
+        self.model = average.requires_grad_(False).eval()
+        self.model.load_state_dict(trained.state_dict())
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold in the trained weights after an optimizer step. The first steps' decay is lower ((1 + n) /
+        (10 + n)), so the random init does not linger in a short run's average."""
+        self.updates += 1
+        keep = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values(), strict=True))
+        floats = [(a, n.detach()) for a, n in pairs if a.is_floating_point()]
+        # one fused kernel per dtype group on a GPU, as timm's ModelEmaV3 does, not one launch per tensor
+        torch._foreach_lerp_([a for a, _ in floats], [n.to(a.dtype) for a, n in floats], 1.0 - keep)
+        for avg, now in pairs:
+            if not avg.is_floating_point():  # counters (BatchNorm's num_batches_tracked)
+                avg.copy_(now)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["weights"])
+        self.updates = int(state["updates"])
+
+    def save(self, folder: Path) -> None:
+        """The average as a model file in `folder` (`fsct.checkpoint.load_model(folder / FILE)` reads it
+        with the run's config.yaml beside it)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(folder / FILE))
