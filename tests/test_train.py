@@ -82,7 +82,8 @@ def test_two_process_ddp(shards: Path, tmp_path: Path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(29500 + os.getpid() % 1000), "-m", "fsct", *train_cmd(shards, out, "train.max_steps=4",
-                                                                    "train.val_every=2", "train.val_episodes=2")[3:]]
+                                                                    "train.val_every=2", "train.val_episodes=2",
+                                                                    "train.ema_decay=0.9")[3:]]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a, b = rank_json(out, 0), rank_json(out, 1)
@@ -92,6 +93,9 @@ def test_two_process_ddp(shards: Path, tmp_path: Path):
     assert not set(a["pool_keys"]) & set(b["pool_keys"])  # from its own shards
     assert (out / "model.safetensors").is_file() and (out / "DONE").is_file()
     assert "step 4/4" in r.stdout
+    # the weight average under DDP: the main process wrote it as the model file and into the checkpoint
+    last = out / "checkpoints" / "step_00000004"
+    assert_same_tensors(load_file(last / "ema.safetensors"), load_file(out / "model.safetensors"))
 
 
 @pytest.mark.slow
