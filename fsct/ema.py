@@ -11,7 +11,6 @@ off."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,8 +19,9 @@ FILE = "ema.safetensors"  # beside model.safetensors in each training checkpoint
 
 
 class WeightAverage:
-    """A second model holding the average, started from the trained one's weights; Accelerate checkpoints it
-    (state_dict)."""
+    """A second model holding the average, started from the trained one's weights. Checkpoints hold it as
+    FILE (not through Accelerate's registered objects, which refuse a checkpoint written with the average
+    off), so a run can turn it on when it resumes."""
 
     def __init__(self, average: nn.Module, trained: nn.Module, decay: float) -> None:
         # a fresh module, not a deepcopy: a module compiled in place would carry a compiled call of the
@@ -45,16 +45,22 @@ class WeightAverage:
             if not avg.is_floating_point():  # counters (BatchNorm's num_batches_tracked)
                 avg.copy_(now)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.model.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["weights"])
-        self.updates = int(state["updates"])
-
     def save(self, folder: Path) -> None:
         """The average as a model file in `folder` (`fsct.checkpoint.load_model(folder / FILE)` reads it
-        with the run's config.yaml beside it)."""
+        with the run's config.yaml beside it), its update count in the file's metadata."""
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(folder / FILE))
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(weights, str(folder / FILE), metadata={"updates": str(self.updates)})
+
+    def load(self, folder: Path) -> bool:
+        """Continue the average a checkpoint folder holds; False when it holds none (a run that had the
+        average off until now: it then starts here, from the resumed weights it was made from)."""
+        from safetensors import safe_open
+
+        if not (folder / FILE).is_file():
+            return False
+        with safe_open(str(folder / FILE), framework="pt") as f:
+            self.model.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+            self.updates = int((f.metadata() or {}).get("updates", 0))
+        return True

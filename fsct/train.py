@@ -101,8 +101,8 @@ def _train(cfg: Config, resume: str | None) -> TrainerState:
     val = _val_setup(cfg, Path(cfg.data.shards))
     model = build_model(cfg.model)
     model, opt = run.acc.prepare(model, make_optimizer(model, cfg, run.acc.device))
-    start_average(run, model)
     state, ckpt = resume_state(run, resume)
+    start_average(run, model, ckpt)
     start_tracking(run, state)
     audit = EpisodeAudit.load(ckpt, run.rank, data.share_keys)  # what this rank trained on: rank{r}.json
     data.restore(ckpt, run.rank)  # a stream's buffer and position at the checkpoint (memory: nothing to do)
@@ -186,13 +186,13 @@ def start_run(cfg: Config) -> Run:
     return run
 
 
-def start_average(run: Run, model: nn.Module) -> None:
-    """The weight average (train.ema_decay), in Accelerate's checkpoints from here on (before any resume
-    loads them)."""
+def start_average(run: Run, model: nn.Module, ckpt: Path | None) -> None:
+    """The weight average (train.ema_decay): the checkpoint's, or a new one from the weights as they are."""
     if run.cfg.train.ema_decay > 0:
         fresh = PANet(replace(run.cfg.model, compile=False, pretrained="")).to(run.acc.device)
         run.ema = WeightAverage(fresh, run.acc.unwrap_model(model), run.cfg.train.ema_decay)
-        run.acc.register_for_checkpointing(run.ema)
+        if ckpt is not None and not run.ema.load(ckpt):
+            run.acc.print(f"{ckpt} holds no weight average: it starts here", flush=True)
 
 
 def resume_state(run: Run, resume: str | None) -> tuple[TrainerState, Path | None]:

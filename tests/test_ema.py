@@ -28,9 +28,21 @@ def test_the_average_follows_the_trained_weights_with_its_decay():
     for _ in range(200):
         avg.update(trained)
     torch.testing.assert_close(avg.model[0].weight, w0 + 1.0)  # decay 0.9: the old weights are gone
-    back = WeightAverage(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), trained, decay=0.9)
-    back.load_state_dict(avg.state_dict())
-    assert back.updates == 201 and torch.equal(back.model[0].weight, avg.model[0].weight)
+
+
+def test_a_checkpoint_folder_carries_the_average_and_its_count(tmp_path: Path):
+    trained = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    avg = WeightAverage(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), trained, decay=0.9)
+    with torch.no_grad():
+        trained[0].weight.add_(1.0)
+    for _ in range(3):
+        avg.update(trained)
+    avg.save(tmp_path)
+    back = WeightAverage(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), nn.Sequential(
+        nn.Linear(2, 2), nn.BatchNorm1d(2)), decay=0.9)
+    assert back.load(tmp_path)
+    assert back.updates == 3 and torch.equal(back.model[0].weight, avg.model[0].weight)
+    assert not back.load(tmp_path / "empty")  # a folder without one: the caller starts a new average
 
 
 def test_a_checkpoints_average_loads_as_a_model(tmp_path: Path):

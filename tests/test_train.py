@@ -135,6 +135,19 @@ def test_sigterm_then_resume_matches_uninterrupted(shards: Path, tmp_path: Path)
     assert trained.keys() == model.keys() and not all(torch.equal(trained[k], model[k]) for k in model)
 
 
+def test_a_resumed_run_can_turn_the_weight_average_on(shards: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    r = subprocess.run(train_cmd(shards, out, "train.max_steps=3"), capture_output=True, text=True,
+                       env=fsct_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(train_cmd(shards, out, "train.max_steps=5", "train.ema_decay=0.9") + ["--resume", "auto"],
+                       capture_output=True, text=True, env=fsct_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step_00000003 holds no weight average: it starts here" in r.stdout
+    last = out / "checkpoints" / "step_00000005"
+    assert_same_tensors(load_file(last / "ema.safetensors"), load_file(out / "model.safetensors"))
+
+
 @pytest.mark.slow
 def test_preempt_file_and_offline_wandb(shards: Path, tmp_path: Path):
     out = tmp_path / "wb"
