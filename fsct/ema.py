@@ -4,7 +4,7 @@ saves as the model, when on.
 With a few hundred steps of a few episodes each, the weights at any one step carry the noise of the last
 steps' episodes, and a checkpoint's score moves by several points from one validation to the next
 (docs/RESULTS.md). The average over the last ~1 / (1 - decay) steps smooths that noise out. The trained
-weights themselves are untouched: the optimizer, the gradients and resuming see only them. On realct-mini's
+weights themselves are untouched: the optimizer and the gradients see only them. On realct-mini's
 blocks over three seeds it scored level with the trained weights (docs/RESULTS.md), so the recipes leave it
 off."""
 
