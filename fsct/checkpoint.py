@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from fsct.atomic import atomic_file, replace_dir
@@ -30,13 +31,17 @@ WEIGHTS = "model.safetensors"
 
 # --- the model file ---------------------------------------------------------------------------------------
 
+def host_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A model's state as safetensors takes it: on the host, contiguous (channels_last weights are not)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def save_model(model: nn.Module, cfg: Config, folder: Path) -> None:
     """safetensors weights beside the resolved config, each file replaced whole."""
     from safetensors.torch import save_file
 
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_file(folder / WEIGHTS) as tmp:
-        save_file(weights, str(tmp))
+        save_file(host_weights(model), str(tmp))
     with atomic_file(folder / "config.yaml") as tmp:
         save_config(cfg, tmp)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fsct.checkpoint import host_weights
+
 FILE = "ema.safetensors"  # beside model.safetensors in each training checkpoint: the average at that step
 
 
@@ -50,8 +52,7 @@ class WeightAverage:
         with the run's config.yaml beside it), its update count in the file's metadata."""
         from safetensors.torch import save_file
 
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(weights, str(folder / FILE), metadata={"updates": str(self.updates)})
+        save_file(host_weights(self.model), str(folder / FILE), metadata={"updates": str(self.updates)})
 
     def load(self, folder: Path) -> bool:
         """Continue the average a checkpoint folder holds; False when it holds none (a run that had the
