@@ -12,12 +12,12 @@ train tar, keys prefixed 'syn', listed in the copy's index.json:
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
+
+from fsct.data.pool import read_index
+from fsct.data.shards import SplitWriter, _dataset_stats, _raw_samples, _write_index
 
 
 def main() -> None:
@@ -27,41 +27,28 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("n", type=int)
     a = p.parse_args()
-    index = json.loads((a.real / "index.json").read_text())
-    syn = json.loads((a.synthetic / "index.json").read_text())["splits"]["train"]
-    keys = sorted(k for k, s in syn["samples"].items() if s["classes"])[: a.n]
-    files: dict[str, bytes] = {}
-    for shard in sorted({syn["samples"][k]["shard"] for k in keys}):
-        with tarfile.open(a.synthetic / shard) as t:
-            for m in t.getmembers():
-                key, ext = m.name.split(".", 1)
-                if key in keys:
-                    data = t.extractfile(m).read()
-                    if ext == "meta.json":
-                        data = json.dumps({**json.loads(data), "key": "syn" + key}).encode()
-                    files[f"syn{key}.{ext}"] = data
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    name = "train-synthetic.tar"
-    train = index["splits"]["train"]
-    for k in keys:
-        classes = syn["samples"][k]["classes"]
-        train["samples"]["syn" + k] = {"classes": classes, "shard": name}
-        for c in classes:
-            train["classes"].setdefault(c, []).append([name, "syn" + k])
-    train["shards"].append({"bytes": len(buf.getvalue()), "n_samples": len(keys), "name": name,
-                            "sha256": hashlib.sha256(buf.getvalue()).hexdigest()})
-    train["n_samples"] += len(keys)
-    index["stats"]["n_samples"] += len(keys)
-    index["stats"]["n_samples_per_split"]["train"] += len(keys)
+    index = read_index(a.real)
+    syn = read_index(a.synthetic)["splits"]["train"]
+    keys = set(sorted(k for k, s in syn["samples"].items() if s["classes"])[: a.n])
     shutil.copytree(a.real, a.out)
-    (a.out / name).write_bytes(buf.getvalue())
-    (a.out / "index.json").write_text(json.dumps(index))
-    print(f"{a.out}: {a.real}'s shards + {len(keys)} synthetic train slices of {a.synthetic}")
+    # written as `fsct shard` writes a split (fsct.data.shards.grow_splits does the same), under new keys
+    writer = SplitWriter(a.out, "train-synthetic", max_count=1 << 30, max_bytes=1 << 40)
+    for sample in _raw_samples(a.synthetic, syn):
+        if sample["__key__"] in keys:
+            meta = json.loads(sample["meta.json"])
+            sample["__key__"] = meta["key"] = "syn" + sample["__key__"]
+            sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+            writer.write(sample)
+    writer.close()
+    added, train = writer.summary(), index["splits"]["train"]
+    train["samples"].update(added["samples"])
+    for c, refs in added["classes"].items():
+        train["classes"].setdefault(c, []).extend(refs)
+    train["shards"] += added["shards"]
+    train["n_samples"] += added["n_samples"]
+    index["stats"] = _dataset_stats(index)
+    _write_index(a.out / "index.json", index)
+    print(f"{a.out}: {a.real}'s shards + {added['n_samples']} synthetic train slices of {a.synthetic}")
 
 
 if __name__ == "__main__":
