@@ -41,10 +41,9 @@ def main() -> None:
     columns, masks = read_labels(args.data / "Y_train.csv", [p.name for p in images])
     by_name = {p.name: p for p in images}
     rows = []
-    for name, lbl in zip(columns, masks, strict=True):
-        if lbl.any() and args.slices > 0:
-            rows += structure_stats(read_image(by_name[name]), lbl)
-            args.slices -= 1
+    labelled = [(name, lbl) for name, lbl in zip(columns, masks, strict=True) if lbl.any()]
+    for name, lbl in labelled[: args.slices]:
+        rows += structure_stats(read_image(by_name[name]), lbl)
     stats = np.array([r[1:] for r in rows])
     soft = stats[(stats[:, 0] >= 100) & (stats[:, 0] <= 160), 0]
     print(f"{len(rows)} structures: median spread {np.median(stats[:, 1]):.2f} grey levels, median pixel noise "
